@@ -1,0 +1,1 @@
+"""lmser_jax: Lmser, the bidirectional self-organizing network, in JAX."""

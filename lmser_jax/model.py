@@ -1,0 +1,264 @@
+"""Lmser perception: reflections of bottom-up and top-down passes.
+
+Layers are `0..L`; layer 0 is the input, layer `L` the code. One reflection:
+
+1. bottom-up, `l = 1..L-1`: `y_l = W_l z_{l-1} + b_l`, `z_l = f(y_l + u_l)`
+   with DPN (`u_l` left by the previous reflection, zero in the first), and
+   `z_l = f(y_l)` without; then the top pre-activation `a_L = W_L z_{L-1} + b_L`;
+2. the code `h_L` from `a_L`: softmax of the label logits, style units (plus
+   noise in training), then `f` or identity on the remaining units;
+3. top-down, `l = L-1..1`: `u_l = W_{l+1}^T h_{l+1} + c_l`, and
+   `h_l = f(y_l + u_l)` with DPN ("sum"), `(f(u_l) + z_l) / 2` with DPN
+   ("average"), `f(u_l)` without;
+4. the reconstruction `x_hat = sigmoid(W_1^T h_1 + c_0)`.
+
+`k` reflections run as one `lax.scan` whose carry holds the input layer and
+the top-down inputs `u_l`, so `k` costs one compilation.
+"""
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lmser_jax import config as config_lib
+from lmser_jax import connections
+
+Params = dict
+
+
+class States(NamedTuple):
+  """Every intermediate state, each with a leading reflection axis `(k, B, ...)`.
+
+  Tuples are indexed by hidden layer: entry `i` is layer `i + 1`.
+  """
+  inputs: jax.Array
+  bottom_up: tuple[jax.Array, ...]
+  encoder: tuple[jax.Array, ...]
+  top_down: tuple[jax.Array, ...]
+  decoder: tuple[jax.Array, ...]
+  top: jax.Array
+  code: jax.Array
+  x_hat: jax.Array
+
+
+class Perception(NamedTuple):
+  """Outputs of the last reflection.
+
+  Attributes:
+    x_hat: `(B, H, W, C)` reconstruction in (0, 1).
+    code: `(B, D)` top activity `h_L` that the decoder received.
+    top: `(B, D)` top pre-activation `a_L`.
+    logits: `(B, num_classes)` label logits, the first units of `a_L`
+      (`(B, 0)` for an unsupervised model).
+    states: `States` of every reflection, or None unless requested.
+  """
+  x_hat: jax.Array
+  code: jax.Array
+  top: jax.Array
+  logits: jax.Array
+  states: States | None = None
+
+
+def init_params(key: jax.Array, config: config_lib.ModelConfig,
+                dtype=jnp.float32) -> Params:
+  """Draw the parameters of every connection.
+
+  Returns:
+    `{"layers": [connection_1, ..., connection_L]}`, each a dict as in
+    `lmser_jax.connections.init_connection`.
+  """
+  shapes = config.layer_shapes
+  keys = jax.random.split(key, config.depth)
+  layers = [
+      connections.init_connection(
+          keys[i], spec, shapes[i], dcw=config.dcw, dtype=dtype)
+      for i, spec in enumerate(config.layers)
+  ]
+  return {"layers": layers}
+
+
+def activation_fn(name: str):
+  return jax.nn.relu if name == "relu" else jax.nn.sigmoid
+
+
+def code_from_top(config: config_lib.ModelConfig, top: jax.Array,
+                  noise_key: jax.Array | None = None) -> jax.Array:
+  """Form the code `h_L` that the decoder receives from `a_L`.
+
+  Args:
+    config: the model.
+    top: `(B, D)` top pre-activation.
+    noise_key: when given, Gaussian noise of std `config.style_noise_std`
+      is added to the style units (training only).
+
+  Returns:
+    `(B, D)`: `softmax(logits)`, then style units, then `f` (or identity)
+    of the free units.
+  """
+  num_classes, num_style = config.num_classes, config.num_style
+  parts = []
+  if num_classes:
+    parts.append(jax.nn.softmax(top[:, :num_classes], axis=-1))
+  if num_style:
+    style = top[:, num_classes:num_classes + num_style]
+    if noise_key is not None:
+      noise = jax.random.normal(noise_key, style.shape, style.dtype)
+      style = style + config.style_noise_std * noise
+    parts.append(style)
+  free = top[:, num_classes + num_style:]
+  if free.shape[-1]:
+    if config.code_activation == "hidden":
+      free = activation_fn(config.activation)(free)
+    parts.append(free)
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def bottom_up_pass(params: Params, config: config_lib.ModelConfig,
+                   x: jax.Array, top_down_inputs: Sequence[jax.Array]):
+  """Run the encoder once.
+
+  Args:
+    params: model parameters.
+    config: the model.
+    x: `(B, H, W, C)` input layer.
+    top_down_inputs: `u_l` for hidden layers `1..L-1`; ignored without DPN.
+
+  Returns:
+    `(ys, zs, top)`: bottom-up inputs and activities of the hidden layers,
+    and the top pre-activation `(B, D)`.
+  """
+  f = activation_fn(config.activation)
+  layers = params["layers"]
+  ys, zs = [], []
+  z = x
+  for i, spec in enumerate(config.layers[:-1]):
+    y = connections.bottom_up(layers[i], spec, z)
+    z = f(y + top_down_inputs[i]) if config.dpn else f(y)
+    ys.append(y)
+    zs.append(z)
+  top = connections.bottom_up(layers[-1], config.layers[-1], z)
+  return ys, zs, top
+
+
+def top_down_pass(params: Params, config: config_lib.ModelConfig,
+                  code: jax.Array,
+                  bottom_up_inputs: Sequence[jax.Array] | None = None,
+                  encoder_activities: Sequence[jax.Array] | None = None):
+  """Run the decoder once from the code.
+
+  Args:
+    params: model parameters.
+    config: the model.
+    code: `(B, D)` top activity `h_L`.
+    bottom_up_inputs: `y_l` of the paired neurons (DPN "sum"); None decodes
+      from the code alone, `h_l = f(u_l)`.
+    encoder_activities: `z_l` of the paired neurons (DPN "average").
+
+  Returns:
+    `(us, hs, x_hat)`: top-down inputs and activities of hidden layers
+    `1..L-1` (bottom first) and the reconstruction `(B, H, W, C)`.
+  """
+  f = activation_fn(config.activation)
+  layers, shapes = params["layers"], config.layer_shapes
+  num_hidden = config.depth - 1
+  us, hs = [None] * num_hidden, [None] * num_hidden
+  h = code
+  for i in reversed(range(num_hidden)):
+    # Connection i + 1 links hidden layer i + 1 (0-based index i) to the one
+    # above it.
+    u = connections.top_down(
+        layers[i + 1], config.layers[i + 1], h, shapes[i + 1], dcw=config.dcw)
+    if not config.dpn:
+      h = f(u)
+    elif config.dpn_mode == "sum" and bottom_up_inputs is not None:
+      h = f(bottom_up_inputs[i] + u)
+    elif config.dpn_mode == "average" and encoder_activities is not None:
+      h = 0.5 * (f(u) + encoder_activities[i])
+    else:
+      h = f(u)
+    us[i], hs[i] = u, h
+  out = connections.top_down(
+      layers[0], config.layers[0], h, shapes[0], dcw=config.dcw)
+  return us, hs, jax.nn.sigmoid(out)
+
+
+def decode(params: Params, config: config_lib.ModelConfig,
+           code: jax.Array) -> jax.Array:
+  """Map a chosen code `(B, D)` to images `(B, H, W, C)` in (0, 1).
+
+  The decoder alone: no paired bottom-up input reaches the hidden layers, so
+  `h_l = f(u_l)` at every layer. For a supervised model, pass a one-hot
+  label (or any distribution) in the label units.
+  """
+  _, _, x_hat = top_down_pass(params, config, code)
+  return x_hat
+
+
+def perceive(params: Params,
+             config: config_lib.ModelConfig,
+             x: jax.Array,
+             *,
+             reflections: int = 1,
+             noise_key: jax.Array | None = None,
+             observed: jax.Array | None = None,
+             feed_reconstruction: bool = False,
+             return_states: bool = False,
+             remat: bool = False) -> Perception:
+  """Perceive `x` through `reflections` bottom-up/top-down reflections.
+
+  Args:
+    params: model parameters from `init_params`.
+    config: the model.
+    x: `(B, H, W, C)` float input, pixels in [0, 1].
+    reflections: number of reflections `k >= 1` (a Python int).
+    noise_key: PRNG key for the style-unit noise; pass it in training only.
+    observed: optional mask broadcastable to `x`, 1 where a pixel is
+      observed. After each reflection the input layer becomes
+      `observed * x + (1 - observed) * x_hat` (associative recall), so
+      observed pixels never change. Fill the masked pixels of `x` before
+      calling.
+    feed_reconstruction: with no mask, feed `x_hat` to the input layer of
+      the next reflection instead of keeping it clamped to `x`.
+    return_states: also return every intermediate state.
+    remat: recompute each reflection in the backward pass instead of storing
+      its activations, so training memory stays flat in `k`.
+
+  Returns:
+    A `Perception` with the outputs of the last reflection.
+  """
+  if reflections < 1:
+    raise ValueError(f"reflections={reflections} is invalid; expected >= 1")
+  batch = x.shape[0]
+  shapes = config.layer_shapes
+  zeros = tuple(
+      jnp.zeros((batch,) + shape, x.dtype) for shape in shapes[1:-1])
+  init_top = jnp.zeros((batch, config.code_dim), x.dtype)
+  keys = (jax.random.split(noise_key, reflections)
+          if noise_key is not None and config.num_style else None)
+
+  def reflect(carry, key):
+    x_in, top_down_inputs, _, _, _ = carry
+    ys, zs, top = bottom_up_pass(params, config, x_in, top_down_inputs)
+    code = code_from_top(config, top, key)
+    us, hs, x_hat = top_down_pass(params, config, code, ys, zs)
+    if observed is not None:
+      x_next = observed * x + (1 - observed) * x_hat
+    elif feed_reconstruction:
+      x_next = x_hat
+    else:
+      x_next = x
+    states = None
+    if return_states:
+      states = States(x_in, tuple(ys), tuple(zs), tuple(us), tuple(hs), top,
+                      code, x_hat)
+    return (x_next, tuple(us), x_hat, code, top), states
+
+  if remat:
+    reflect = jax.checkpoint(reflect)
+  init = (x, zeros, jnp.zeros_like(x), init_top, init_top)
+  (_, _, x_hat, code, top), states = lax.scan(
+      reflect, init, keys, length=reflections)
+  logits = top[:, :config.num_classes]
+  return Perception(x_hat, code, top, logits, states)

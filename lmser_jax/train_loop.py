@@ -1,0 +1,183 @@
+"""The training loop: resumable, data-parallel, with progress and NaN checks.
+
+Values leave the devices only on logging and checkpoint steps. On those
+steps every per-step loss since the last check is fetched at once, so a NaN
+or infinite loss is reported with its exact step, before any checkpoint of a
+broken state is written.
+"""
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from lmser_jax import checkpointing
+from lmser_jax import config as config_lib
+from lmser_jax import metric_writer
+from lmser_jax import parallel
+from lmser_jax import training
+from lmser_jax.data import batches as batches_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+  """Hyperparameters of one training run; the defaults are the paper's.
+
+  Attributes:
+    num_train_steps: optimiser steps (iterations) in total.
+    batch_size: global batch size, a multiple of the device count.
+    seed: fixes initialisation, data order and style noise.
+    learning_rate: Adam's initial learning rate.
+    decay_rate: factor applied to the learning rate after every step.
+    b1, b2, eps: Adam's moment decays and epsilon.
+    reflections: reflections per perception during training.
+    label_weight: weight of the cross-entropy term (supervised models).
+    remat: recompute reflections in the backward pass to save memory.
+    log_every_steps: steps between progress lines and metric records.
+    checkpoint_every_steps: steps between rolling checkpoints.
+    keep_steps: steps whose checkpoints are always written and never
+      deleted (the steps that are measured later).
+  """
+  num_train_steps: int
+  batch_size: int = 50
+  seed: int = 0
+  learning_rate: float = 0.01
+  decay_rate: float = 0.9999
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  reflections: int = 1
+  label_weight: float = 1.0
+  remat: bool = False
+  log_every_steps: int = 500
+  checkpoint_every_steps: int = 2000
+  keep_steps: tuple[int, ...] = ()
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(round(seconds))
+  minutes, seconds = divmod(seconds, 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else (
+      f"{minutes}m{seconds:02d}s")
+
+
+def _check_finite(window: list[tuple[int, dict]]) -> None:
+  for step, metrics in window:
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+      raise NonFiniteLossError(
+          f"training loss is {loss} at step {step}; stopped without saving"
+          " this state. Lower --learning_rate or check the input data.")
+
+
+def initial_state(config: config_lib.ModelConfig, options: TrainOptions,
+                  mesh: Mesh) -> training.TrainState:
+  """A fresh training state, replicated over `mesh`."""
+  tx = training.create_optimizer(
+      options.learning_rate, options.decay_rate, options.b1, options.b2,
+      options.eps)
+  state = training.create_train_state(options.seed, config, tx)
+  return jax.device_put(state, parallel.replicated(mesh))
+
+
+def train(config: config_lib.ModelConfig,
+          options: TrainOptions,
+          images: np.ndarray,
+          labels: np.ndarray,
+          workdir: str,
+          mesh: Mesh | None = None) -> training.TrainState:
+  """Train `config` to `options.num_train_steps`, resuming from `workdir`.
+
+  Checkpoints go to `workdir/checkpoints` and metric records to
+  `workdir/metrics.jsonl`. If a checkpoint exists, training continues from
+  the latest one and reaches the same state as a run that never stopped.
+
+  Args:
+    config: the model.
+    options: hyperparameters.
+    images: `(N, H, W, C)` uint8 training images.
+    labels: `(N,)` int32 labels.
+    workdir: the run's directory.
+    mesh: devices (default: all).
+
+  Returns:
+    The final `TrainState`, replicated over the mesh.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN or infinite.
+    ValueError: the batch size does not fit the devices or the data.
+  """
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  parallel.check_batch_size(options.batch_size, mesh)
+  batches_lib.steps_per_epoch(len(images), options.batch_size)
+
+  state = initial_state(config, options, mesh)
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep_steps=options.keep_steps)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state = checkpointer.restore(latest, state)
+    logging.info("Resumed from the checkpoint of step %d in %s", latest,
+                 checkpointer.directory)
+  start = int(state.step)
+  total = options.num_train_steps
+  if start >= total:
+    logging.info("Already trained to step %d (asked for %d).", start, total)
+    checkpointer.close()
+    return state
+
+  train_step = training.make_train_step(
+      config, mesh, reflections=options.reflections,
+      label_weight=options.label_weight, remat=options.remat)
+  host_batches = batches_lib.train_batches(
+      images, labels, batch_size=options.batch_size, seed=options.seed,
+      start_step=start)
+  device_batches = batches_lib.prefetch(
+      parallel.put_batch(batch, mesh) for batch in host_batches)
+  writer = metric_writer.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  keep_steps = set(options.keep_steps)
+
+  window: list[tuple[int, dict]] = []
+  window_start_time = time.perf_counter()
+  window_start_step = start
+  for step in range(start, total):
+    state, metrics = train_step(state, next(device_batches))
+    done = step + 1
+    window.append((done, metrics))
+    if step == start:
+      jax.block_until_ready(metrics)
+      logging.info("Compiled and ran the first step in %.1f s.",
+                   time.perf_counter() - window_start_time)
+      window_start_time, window_start_step = time.perf_counter(), done
+
+    save = (done % options.checkpoint_every_steps == 0 or done in keep_steps or
+            done == total)
+    if done % options.log_every_steps == 0 or save:
+      window = jax.device_get(window)
+      _check_finite(window)
+      elapsed = time.perf_counter() - window_start_time
+      steps = done - window_start_step
+      if steps > 0 and elapsed > 0:
+        rate = steps / elapsed
+        means = {k: float(np.mean([m[k] for _, m in window]))
+                 for k in window[-1][1]}
+        writer.write_scalars(done, dict(means, steps_per_second=rate))
+        logging.info(
+            "step %d/%d  loss %.4f  mse %.5f  %.0f images/s  %s left", done,
+            total, means["loss"], means["mse"], rate * options.batch_size,
+            _format_seconds((total - done) / rate))
+      window = []
+      window_start_time, window_start_step = time.perf_counter(), done
+    if save:
+      checkpointer.save(done, state)
+  checkpointer.close()
+  return state
