@@ -12,6 +12,8 @@ from typing import Sequence
 ACTIVATIONS = ("relu", "sigmoid")
 CODE_ACTIVATIONS = ("hidden", "linear")
 DPN_MODES = ("sum", "average")
+CONV_IMPLS = ("patches", "xla")
+KERNEL_INITS = ("he", "glorot")
 ARCHITECTURES = ("fc", "cnn")
 # The four models of the paper, as points of the (DCW, DPN, label loss) table.
 MODELS = ("ae", "lmser_un_n", "lmser_un", "lmser_sup")
@@ -72,6 +74,14 @@ class ModelConfig:
     num_style: Gaussian style units after the label units, linear, with
       noise of standard deviation `style_noise_std` added during training.
     style_noise_std: standard deviation of the training noise on style units.
+    kernel_init: "he" (He-uniform, fan-in) or "glorot" (Glorot-uniform, fan
+      average). With ReLU and the paper's learning rate of 0.01, the CNN
+      autoencoder collapses to a constant output from a Glorot start and
+      trains from a He start.
+    conv_impl: how convolutions are computed, "patches" (matrix products
+      over image patches, the faster on CPU) or "xla"
+      (`lax.conv_general_dilated`); both give the same numbers up to float
+      rounding.
   """
   input_shape: tuple[int, ...]
   layers: tuple[LayerSpec, ...]
@@ -83,6 +93,8 @@ class ModelConfig:
   num_classes: int = 0
   num_style: int = 0
   style_noise_std: float = 1.0
+  kernel_init: str = "he"
+  conv_impl: str = "patches"
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:
@@ -96,6 +108,14 @@ class ModelConfig:
     if self.dpn_mode not in DPN_MODES:
       raise ValueError(
           f"dpn_mode={self.dpn_mode!r} is invalid; expected one of {DPN_MODES}")
+    if self.kernel_init not in KERNEL_INITS:
+      raise ValueError(
+          f"kernel_init={self.kernel_init!r} is invalid; expected one of"
+          f" {KERNEL_INITS}")
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(
+          f"conv_impl={self.conv_impl!r} is invalid; expected one of"
+          f" {CONV_IMPLS}")
     if len(self.input_shape) != 3:
       raise ValueError(
           f"input_shape={self.input_shape} is invalid; expected (H, W, C)")

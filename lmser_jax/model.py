@@ -63,19 +63,26 @@ class Perception(NamedTuple):
 
 def init_params(key: jax.Array, config: config_lib.ModelConfig,
                 dtype=jnp.float32) -> Params:
-  """Draw the parameters of every connection.
+  """Draw the parameters of every connection with one random call.
 
   Returns:
     `{"layers": [connection_1, ..., connection_L]}`, each a dict as in
-    `lmser_jax.connections.init_connection`.
+    `lmser_jax.connections.connection_from_noise`.
   """
   shapes = config.layer_shapes
-  keys = jax.random.split(key, config.depth)
-  layers = [
-      connections.init_connection(
-          keys[i], spec, shapes[i], dcw=config.dcw, dtype=dtype)
+  counts = [
+      connections.num_noise_values(spec, shapes[i], dcw=config.dcw)
       for i, spec in enumerate(config.layers)
   ]
+  noise = jax.random.uniform(key, (sum(counts),), dtype, minval=-1.0,
+                             maxval=1.0)
+  layers, offset = [], 0
+  for i, spec in enumerate(config.layers):
+    layers.append(
+        connections.connection_from_noise(
+            noise[offset:offset + counts[i]], spec, shapes[i], dcw=config.dcw,
+            kernel_init=config.kernel_init))
+    offset += counts[i]
   return {"layers": layers}
 
 
@@ -134,11 +141,12 @@ def bottom_up_pass(params: Params, config: config_lib.ModelConfig,
   ys, zs = [], []
   z = x
   for i, spec in enumerate(config.layers[:-1]):
-    y = connections.bottom_up(layers[i], spec, z)
+    y = connections.bottom_up(layers[i], spec, z, config.conv_impl)
     z = f(y + top_down_inputs[i]) if config.dpn else f(y)
     ys.append(y)
     zs.append(z)
-  top = connections.bottom_up(layers[-1], config.layers[-1], z)
+  top = connections.bottom_up(layers[-1], config.layers[-1], z,
+                            config.conv_impl)
   return ys, zs, top
 
 
@@ -169,7 +177,8 @@ def top_down_pass(params: Params, config: config_lib.ModelConfig,
     # Connection i + 1 links hidden layer i + 1 (0-based index i) to the one
     # above it.
     u = connections.top_down(
-        layers[i + 1], config.layers[i + 1], h, shapes[i + 1], dcw=config.dcw)
+        layers[i + 1], config.layers[i + 1], h, shapes[i + 1], dcw=config.dcw,
+        conv_impl=config.conv_impl)
     if not config.dpn:
       h = f(u)
     elif config.dpn_mode == "sum" and bottom_up_inputs is not None:
@@ -180,7 +189,8 @@ def top_down_pass(params: Params, config: config_lib.ModelConfig,
       h = f(u)
     us[i], hs[i] = u, h
   out = connections.top_down(
-      layers[0], config.layers[0], h, shapes[0], dcw=config.dcw)
+      layers[0], config.layers[0], h, shapes[0], dcw=config.dcw,
+      conv_impl=config.conv_impl)
   return us, hs, jax.nn.sigmoid(out)
 
 

@@ -56,7 +56,8 @@ def create_train_state(seed: int, config: config_lib.ModelConfig,
                        tx: optax.GradientTransformation) -> TrainState:
   """Initialise parameters and optimiser state deterministically from `seed`."""
   init_key, noise_key = jax.random.split(jax.random.PRNGKey(seed))
-  params = model.init_params(init_key, config)
+  # One compiled program instead of many small eager random ops.
+  params = jax.jit(model.init_params, static_argnums=1)(init_key, config)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

@@ -1,0 +1,186 @@
+"""Flags and helpers shared by the experiment binaries.
+
+Only binaries import this module, so the flags exist only in programs that
+train something. Every user-facing failure ends as one line on stderr and
+exit status 2 (`fail`), never as a traceback from inside JAX.
+"""
+
+import json
+import os
+import sys
+
+import jax
+from absl import flags
+from absl import logging
+
+from lmser_jax import train_loop
+from lmser_jax.data import idx
+from lmser_jax.data import mnist
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string(
+    "data_dir", None,
+    "Folder with the four IDX files of the dataset (gzip or raw). When unset,"
+    " the data is loaded through tensorflow-datasets, which needs a network.")
+flags.DEFINE_enum("dataset", "mnist", mnist.DATASETS, "Dataset to use.")
+flags.DEFINE_string("workdir", None,
+                    "Directory for checkpoints, metrics and results.")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and noise.")
+flags.DEFINE_integer("batch_size", 50, "Training batch size (all devices).")
+flags.DEFINE_integer("eval_batch_size", 500,
+                     "Evaluation batch size; the last batch is padded.")
+flags.DEFINE_float("learning_rate", 0.01, "Adam's initial learning rate.")
+flags.DEFINE_float("decay_rate", 0.9999,
+                   "Factor applied to the learning rate after every step.")
+flags.DEFINE_float("adam_b1", 0.9, "Adam's first-moment decay.")
+flags.DEFINE_float("adam_b2", 0.999, "Adam's second-moment decay.")
+flags.DEFINE_float("adam_eps", 1e-8, "Adam's epsilon.")
+flags.DEFINE_integer("reflections", 1, "Reflections per perception in training.")
+flags.DEFINE_float("label_weight", 1.0,
+                   "Weight of the cross-entropy term of supervised models.")
+flags.DEFINE_bool("remat", False,
+                  "Recompute reflections in the backward pass to save memory.")
+flags.DEFINE_enum("activation", "relu", ["relu", "sigmoid"],
+                  "Hidden activation f.")
+flags.DEFINE_enum("kernel_init", "he", ["he", "glorot"],
+                  "Kernel initialisation: He-uniform or Glorot-uniform.")
+flags.DEFINE_enum("code_activation", "hidden", ["hidden", "linear"],
+                  "Free code units: the hidden activation, or linear.")
+flags.DEFINE_integer("log_every_steps", 500,
+                     "Steps between progress lines and metric records.")
+flags.DEFINE_integer("checkpoint_every_steps", 2000,
+                     "Steps between rolling checkpoints.")
+flags.DEFINE_integer(
+    "eval_examples", 0,
+    "Evaluate on the first N test examples only (0: the whole test split).")
+
+
+def fail(message: str) -> None:
+  """Print `error: message` on one line to stderr and exit with status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def require_positive(**values) -> None:
+  for name, value in values.items():
+    if value is None or value <= 0:
+      fail(f"--{name}={value} is invalid; expected a positive number")
+
+
+def check_common_flags() -> None:
+  """Reject bad values of the shared flags with a one-line error."""
+  if not FLAGS.workdir:
+    fail("--workdir is required: the directory for checkpoints and results")
+  require_positive(
+      batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
+      learning_rate=FLAGS.learning_rate, decay_rate=FLAGS.decay_rate,
+      reflections=FLAGS.reflections, log_every_steps=FLAGS.log_every_steps,
+      checkpoint_every_steps=FLAGS.checkpoint_every_steps)
+  if FLAGS.decay_rate > 1:
+    fail(f"--decay_rate={FLAGS.decay_rate} is invalid; expected a value in"
+         " (0, 1]")
+  if FLAGS.eval_examples < 0:
+    fail(f"--eval_examples={FLAGS.eval_examples} is invalid; expected >= 0")
+  if FLAGS.data_dir is not None and not os.path.isdir(FLAGS.data_dir):
+    fail(f"--data_dir={FLAGS.data_dir} is not a directory; expected the"
+         f" folder with the {FLAGS.dataset} IDX files")
+  num_devices = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    value = getattr(FLAGS, name)
+    if value % num_devices:
+      fail(f"--{name}={value} is invalid: it must be a multiple of the number"
+           f" of devices ({num_devices})")
+
+
+def load_data() -> tuple[mnist.Split, mnist.Split]:
+  """Train and test splits of `--dataset`, or a one-line exit on bad data."""
+  try:
+    train = mnist.load_split(FLAGS.dataset, "train", FLAGS.data_dir)
+    test = mnist.load_split(FLAGS.dataset, "test", FLAGS.data_dir)
+  except idx.DataError as error:
+    fail(str(error))
+  if FLAGS.eval_examples:
+    test = mnist.Split(test.images[:FLAGS.eval_examples],
+                       test.labels[:FLAGS.eval_examples])
+  if FLAGS.batch_size > len(train):
+    fail(f"--batch_size={FLAGS.batch_size} is larger than the {len(train)}"
+         " training examples")
+  logging.info("Loaded %s: %d training and %d test examples.", FLAGS.dataset,
+               len(train), len(test))
+  return train, test
+
+
+def model_overrides() -> dict:
+  """`ModelConfig` fields set by the shared flags."""
+  return dict(activation=FLAGS.activation, kernel_init=FLAGS.kernel_init,
+              code_activation=FLAGS.code_activation)
+
+
+def train_options(num_train_steps: int, keep_steps=()) -> train_loop.TrainOptions:
+  """`TrainOptions` from the shared flags."""
+  return train_loop.TrainOptions(
+      num_train_steps=num_train_steps,
+      batch_size=FLAGS.batch_size,
+      seed=FLAGS.seed,
+      learning_rate=FLAGS.learning_rate,
+      decay_rate=FLAGS.decay_rate,
+      b1=FLAGS.adam_b1,
+      b2=FLAGS.adam_b2,
+      eps=FLAGS.adam_eps,
+      reflections=FLAGS.reflections,
+      label_weight=FLAGS.label_weight,
+      remat=FLAGS.remat,
+      log_every_steps=FLAGS.log_every_steps,
+      checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+      keep_steps=tuple(keep_steps))
+
+
+def is_writer() -> bool:
+  """Whether this process writes results (process 0 only)."""
+  return jax.process_index() == 0
+
+
+def write_json(path: str, value) -> None:
+  """Write `value` as JSON at `path` atomically (temporary file, then rename)."""
+  if not is_writer():
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  temporary = path + ".tmp"
+  with open(temporary, "w", encoding="utf-8") as stream:
+    json.dump(value, stream, indent=2, sort_keys=True)
+    stream.write("\n")
+  os.replace(temporary, path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Write `text` at `path` atomically."""
+  if not is_writer():
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  temporary = path + ".tmp"
+  with open(temporary, "w", encoding="utf-8") as stream:
+    stream.write(text)
+  os.replace(temporary, path)
+
+
+def read_json(path: str):
+  with open(path, encoding="utf-8") as stream:
+    return json.load(stream)
+
+
+def write_flags(directory: str) -> None:
+  """Record the resolved flags of this run in `directory/flags.txt`."""
+  write_text(os.path.join(directory, "flags.txt"), FLAGS.flags_into_string())
+
+
+class _DropLibraryInfo:
+  """Drop INFO records that orbax emits on every save and restore."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keep absl INFO output for progress lines, without orbax's chatter."""
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())

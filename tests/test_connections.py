@@ -1,0 +1,121 @@
+"""Connection pairs: the top-down map is the exact adjoint of the bottom-up one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmser_jax import config as config_lib
+from lmser_jax import connections
+
+CONV_CASES = [
+    # (height, width, channels in, channels out, kernel, stride, padding)
+    (28, 28, 1, 16, 3, 2, 1),
+    (7, 7, 32, 64, 3, 2, 1),
+    (5, 9, 3, 4, 3, 2, 1),
+    (4, 4, 64, 64, 3, 2, 1),
+    (13, 11, 2, 3, 3, 1, 1),
+    (9, 9, 3, 5, 5, 3, 2),
+    (8, 6, 2, 2, 3, 2, 0),
+]
+
+
+@pytest.mark.parametrize("impl", config_lib.CONV_IMPLS)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_adjoint_identity(case, impl):
+  height, width, c_in, c_out, kernel_size, stride, padding = case
+  spec = config_lib.Conv(c_out, kernel_size, stride, padding)
+  in_shape = (height, width, c_in)
+  out_shape = config_lib.ModelConfig(in_shape, (spec, config_lib.Dense(1)),
+                                     ).layer_shapes[1]
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  kernel = jax.random.normal(keys[0], (kernel_size, kernel_size, c_in, c_out))
+  x = jax.random.normal(keys[1], (2,) + in_shape)
+  y = jax.random.normal(keys[2], (2,) + out_shape)
+
+  forward = connections.conv(x, kernel, spec, impl)
+  backward = connections.conv_transpose(y, kernel, spec, in_shape, impl)
+
+  assert forward.shape == (2,) + out_shape
+  assert backward.shape == (2,) + in_shape
+  lhs = float(jnp.vdot(forward, y))
+  rhs = float(jnp.vdot(x, backward))
+  np.testing.assert_allclose(lhs, rhs, rtol=2e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_impls_agree(case):
+  height, width, c_in, c_out, kernel_size, stride, padding = case
+  spec = config_lib.Conv(c_out, kernel_size, stride, padding)
+  in_shape = (height, width, c_in)
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  kernel = jax.random.normal(keys[0], (kernel_size, kernel_size, c_in, c_out))
+  x = jax.random.normal(keys[1], (3,) + in_shape)
+  forward_xla = connections.conv(x, kernel, spec, "xla")
+  forward_patches = connections.conv(x, kernel, spec, "patches")
+  np.testing.assert_allclose(forward_patches, forward_xla, rtol=1e-5,
+                             atol=1e-4)
+  y = jax.random.normal(keys[2], forward_xla.shape)
+  np.testing.assert_allclose(
+      connections.conv_transpose(y, kernel, spec, in_shape, "patches"),
+      connections.conv_transpose(y, kernel, spec, in_shape, "xla"),
+      rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("in_shape,features", [((784,), 300), ((7,), 5),
+                                               ((2, 2, 64), 10)])
+def test_dense_adjoint_identity(in_shape, features):
+  spec = config_lib.Dense(features)
+  params = connections.init_connection(
+      jax.random.PRNGKey(2), spec, in_shape, dcw=True)
+  params = dict(params, bias=jnp.zeros_like(params["bias"]),
+                down_bias=jnp.zeros_like(params["down_bias"]))
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+  x = jax.random.normal(keys[0], (4,) + in_shape)
+  y = jax.random.normal(keys[1], (4, features))
+
+  forward = connections.bottom_up(params, spec, x)
+  backward = connections.top_down(params, spec, y, in_shape, dcw=True)
+
+  assert backward.shape == (4,) + in_shape
+  np.testing.assert_allclose(
+      float(jnp.vdot(forward, y)), float(jnp.vdot(x, backward)), rtol=2e-5,
+      atol=1e-3)
+
+
+def test_dcw_one_kernel_per_connection():
+  spec = config_lib.Conv(8)
+  tied = connections.init_connection(
+      jax.random.PRNGKey(0), spec, (9, 9, 3), dcw=True)
+  untied = connections.init_connection(
+      jax.random.PRNGKey(0), spec, (9, 9, 3), dcw=False)
+  assert sorted(tied) == ["bias", "down_bias", "kernel"]
+  assert sorted(untied) == ["bias", "down_bias", "down_kernel", "kernel"]
+  assert untied["down_kernel"].shape == untied["kernel"].shape
+
+
+@pytest.mark.parametrize("spec,in_shape", [
+    (config_lib.Dense(6), (5,)),
+    (config_lib.Conv(4), (7, 7, 3)),
+])
+def test_dcw_gradient_sums_both_paths(spec, in_shape):
+  """With one shared kernel, its gradient is the bottom-up plus the top-down one."""
+  params = connections.init_connection(
+      jax.random.PRNGKey(0), spec, in_shape, dcw=True)
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  x = jax.random.normal(keys[0], (2,) + in_shape)
+  out_shape = connections.bottom_up(params, spec, x).shape[1:]
+  h = jax.random.normal(keys[1], (2,) + out_shape)
+
+  def loss(up_kernel, down_kernel):
+    up = connections.bottom_up(dict(params, kernel=up_kernel), spec, x)
+    down = connections.top_down(
+        dict(params, kernel=down_kernel), spec, h, in_shape, dcw=True)
+    return jnp.sum(jnp.sin(up)) + jnp.sum(jnp.cos(down))
+
+  kernel = params["kernel"]
+  tied = jax.grad(lambda k: loss(k, k))(kernel)
+  up_part, down_part = jax.grad(loss, argnums=(0, 1))(kernel, kernel)
+  assert float(jnp.abs(up_part).sum()) > 0
+  assert float(jnp.abs(down_part).sum()) > 0
+  np.testing.assert_allclose(tied, up_part + down_part, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,186 @@
+"""Perception: the reflection scan, the DCW/DPN switches and the code layer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmser_jax import config as config_lib
+from lmser_jax import model
+
+SMALL_CNN = config_lib.cnn_layers(channels=(4, 6), code_dim=12)
+SMALL_FC = config_lib.fc_layers(hidden=(20, 15), code_dim=12)
+
+
+def _config(model_name, layers, **overrides):
+  return config_lib.make_config(
+      "fc", model_name, input_shape=(9, 7, 2), layers=layers, **overrides)
+
+
+def _inputs(batch=3, shape=(9, 7, 2), seed=0):
+  return jax.random.uniform(jax.random.PRNGKey(seed), (batch,) + shape)
+
+
+def _unrolled(params, config, x, reflections):
+  """Reference: reflections as a plain Python loop."""
+  shapes = config.layer_shapes
+  us = [jnp.zeros((x.shape[0],) + s) for s in shapes[1:-1]]
+  x_in = x
+  for _ in range(reflections):
+    ys, zs, top = model.bottom_up_pass(params, config, x_in, us)
+    code = model.code_from_top(config, top)
+    us, _, x_hat = model.top_down_pass(params, config, code, ys, zs)
+  return x_hat, code, top
+
+
+@pytest.mark.parametrize("layers", [SMALL_FC, SMALL_CNN],
+                         ids=["fc", "cnn"])
+@pytest.mark.parametrize("model_name", config_lib.MODELS)
+def test_scan_equals_unrolled_loop(model_name, layers):
+  config = _config(model_name, layers, num_style=2)
+  params = model.init_params(jax.random.PRNGKey(1), config)
+  x = _inputs()
+  out = model.perceive(params, config, x, reflections=3)
+  x_hat, code, top = _unrolled(params, config, x, 3)
+  np.testing.assert_allclose(out.x_hat, x_hat, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.code, code, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.top, top, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["ae", "lmser_un_n"])
+def test_second_reflection_without_dpn_is_noop(model_name):
+  config = _config(model_name, SMALL_CNN)
+  params = model.init_params(jax.random.PRNGKey(2), config)
+  x = _inputs()
+  once = model.perceive(params, config, x, reflections=1)
+  twice = model.perceive(params, config, x, reflections=2)
+  np.testing.assert_array_equal(once.x_hat, twice.x_hat)
+  np.testing.assert_array_equal(once.code, twice.code)
+
+
+def test_second_reflection_with_dpn_changes_output():
+  config = _config("lmser_un", SMALL_CNN)
+  params = model.init_params(jax.random.PRNGKey(2), config)
+  x = _inputs()
+  once = model.perceive(params, config, x, reflections=1)
+  twice = model.perceive(params, config, x, reflections=2)
+  assert float(jnp.abs(once.x_hat - twice.x_hat).max()) > 1e-6
+
+
+def test_states_have_reflection_axis():
+  config = _config("lmser_sup", SMALL_CNN)
+  params = model.init_params(jax.random.PRNGKey(3), config)
+  out = model.perceive(params, config, _inputs(), reflections=4,
+                       return_states=True)
+  shapes = config.layer_shapes
+  assert out.states.x_hat.shape == (4, 3, 9, 7, 2)
+  assert out.states.code.shape == (4, 3, 12)
+  for i, shape in enumerate(shapes[1:-1]):
+    assert out.states.encoder[i].shape == (4, 3) + shape
+    assert out.states.top_down[i].shape == (4, 3) + shape
+  np.testing.assert_array_equal(out.states.x_hat[-1], out.x_hat)
+  # The first reflection's input is the clamped x.
+  np.testing.assert_array_equal(out.states.inputs[0], _inputs())
+
+
+def test_dcw_off_uses_its_own_decoder():
+  config = _config("ae", SMALL_FC)
+  params = model.init_params(jax.random.PRNGKey(4), config)
+  x = _inputs()
+  before = model.perceive(params, config, x).x_hat
+  changed = jax.tree.map(lambda a: a, params)
+  changed["layers"][0]["down_kernel"] = changed["layers"][0]["down_kernel"] * 2
+  after = model.perceive(changed, config, x).x_hat
+  assert float(jnp.abs(before - after).max()) > 1e-6
+  # The encoder does not see the decoder's weights.
+  np.testing.assert_array_equal(
+      model.perceive(params, config, x).code,
+      model.perceive(changed, config, x).code)
+
+
+def test_supervised_code_is_softmax_then_style():
+  config = _config("lmser_sup", SMALL_FC, num_style=2)
+  assert config.code_dim == 12
+  params = model.init_params(jax.random.PRNGKey(5), config)
+  out = model.perceive(params, config, _inputs())
+  np.testing.assert_allclose(out.code[:, :10].sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(out.code[:, :10],
+                             jax.nn.softmax(out.logits, axis=-1), rtol=1e-5)
+  np.testing.assert_array_equal(out.code[:, 10:], out.top[:, 10:])
+
+
+def test_style_noise_only_with_key():
+  config = _config("lmser_sup", SMALL_FC, num_style=2)
+  params = model.init_params(jax.random.PRNGKey(6), config)
+  x = _inputs()
+  clean = model.perceive(params, config, x)
+  clean_again = model.perceive(params, config, x)
+  noisy = model.perceive(params, config, x, noise_key=jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(clean.x_hat, clean_again.x_hat)
+  assert float(jnp.abs(clean.x_hat - noisy.x_hat).max()) > 1e-6
+  # Noise reaches the decoder only: the logits are unchanged.
+  np.testing.assert_array_equal(clean.logits, noisy.logits)
+
+
+def test_decode_equals_top_down_half_without_dpn():
+  config = _config("lmser_un_n", SMALL_CNN)
+  params = model.init_params(jax.random.PRNGKey(7), config)
+  out = model.perceive(params, config, _inputs())
+  np.testing.assert_allclose(model.decode(params, config, out.code), out.x_hat,
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_observed_pixels_stay_clamped():
+  config = _config("lmser_un", SMALL_CNN)
+  params = model.init_params(jax.random.PRNGKey(8), config)
+  x = _inputs()
+  observed = (jax.random.uniform(jax.random.PRNGKey(9), x.shape) > 0.5
+             ).astype(x.dtype)
+  filled = x * observed
+  out = model.perceive(params, config, filled, reflections=3,
+                       observed=observed, return_states=True)
+  for r in range(3):
+    inputs = out.states.inputs[r]
+    np.testing.assert_array_equal(inputs * observed, filled * observed)
+  # From the second reflection on, masked pixels hold the reconstruction.
+  expected = observed * filled + (1 - observed) * out.states.x_hat[0]
+  np.testing.assert_allclose(out.states.inputs[1], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("activation", config_lib.ACTIVATIONS)
+@pytest.mark.parametrize("dpn_mode", config_lib.DPN_MODES)
+def test_outputs_finite_and_in_unit_range(activation, dpn_mode):
+  config = _config("lmser_sup", SMALL_CNN, activation=activation,
+                   dpn_mode=dpn_mode)
+  params = model.init_params(jax.random.PRNGKey(10), config)
+  out = model.perceive(params, config, _inputs(), reflections=2)
+  assert bool(jnp.all(jnp.isfinite(out.x_hat)))
+  assert float(out.x_hat.min()) >= 0.0
+  assert float(out.x_hat.max()) <= 1.0
+
+
+def test_remat_keeps_values_and_gradients():
+  config = _config("lmser_un", SMALL_CNN)
+  params = model.init_params(jax.random.PRNGKey(11), config)
+  x = _inputs()
+
+  def loss(p, remat):
+    return jnp.sum(model.perceive(p, config, x, reflections=3,
+                                  remat=remat).x_hat ** 2)
+
+  plain = jax.grad(loss)(params, False)
+  rematerialised = jax.grad(loss)(params, True)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_invalid_config_raises():
+  with pytest.raises(ValueError, match="activation"):
+    _config("lmser_un", SMALL_FC, activation="tanh")
+  with pytest.raises(ValueError, match="does not fit"):
+    config_lib.ModelConfig((2, 2, 1), (config_lib.Conv(4, 5, 2, 0),
+                                       config_lib.Dense(3)))
+  with pytest.raises(ValueError, match="reflections"):
+    config = _config("lmser_un", SMALL_FC)
+    model.perceive(model.init_params(jax.random.PRNGKey(0), config), config,
+                   _inputs(), reflections=0)
