@@ -40,6 +40,8 @@ class TrainOptions:
     b1, b2, eps: Adam's moment decays and epsilon.
     reflections: reflections per perception during training.
     label_weight: weight of the cross-entropy term (supervised models).
+    recon_weight: weight of the reconstruction term; 0 trains the
+      bottom-up path as a plain classifier.
     remat: recompute reflections in the backward pass to save memory.
     log_every_steps: steps between progress lines and metric records.
     checkpoint_every_steps: steps between rolling checkpoints.
@@ -56,6 +58,7 @@ class TrainOptions:
   eps: float = 1e-8
   reflections: int = 1
   label_weight: float = 1.0
+  recon_weight: float = 1.0
   remat: bool = False
   log_every_steps: int = 500
   checkpoint_every_steps: int = 2000
@@ -137,7 +140,8 @@ def train(config: config_lib.ModelConfig,
 
   train_step = training.make_train_step(
       config, mesh, reflections=options.reflections,
-      label_weight=options.label_weight, remat=options.remat)
+      label_weight=options.label_weight, remat=options.remat,
+      recon_weight=options.recon_weight)
   host_batches = batches_lib.train_batches(
       images, labels, batch_size=options.batch_size, seed=options.seed,
       start_step=start)

@@ -73,11 +73,12 @@ def images_to_float(images: jax.Array) -> jax.Array:
 
 def loss_and_metrics(params, config: config_lib.ModelConfig, batch: dict, *,
                      reflections: int, label_weight: float, remat: bool,
-                     noise_key: jax.Array | None):
+                     noise_key: jax.Array | None, recon_weight: float = 1.0):
   """Training loss of one batch and its parts.
 
-  The loss is `mean_b 0.5 * ||x_b - x_hat_b||^2`, plus `label_weight` times
-  the mean cross-entropy of the label logits for a supervised model.
+  The loss is `recon_weight * mean_b 0.5 * ||x_b - x_hat_b||^2`, plus
+  `label_weight` times the mean cross-entropy of the label logits for a
+  supervised model. `recon_weight=0` trains a feed-forward classifier.
 
   Args:
     params: model parameters.
@@ -87,6 +88,7 @@ def loss_and_metrics(params, config: config_lib.ModelConfig, batch: dict, *,
     label_weight: weight of the cross-entropy term.
     remat: recompute reflections in the backward pass.
     noise_key: key for style noise (None: no noise).
+    recon_weight: weight of the reconstruction term.
 
   Returns:
     `(loss, metrics)`, scalars.
@@ -100,7 +102,7 @@ def loss_and_metrics(params, config: config_lib.ModelConfig, batch: dict, *,
       "recon_loss": recon,
       "mse": jnp.mean(losses.squared_error_mean(x, out.x_hat)),
   }
-  loss = recon
+  loss = recon_weight * recon
   if config.supervised:
     ce = jnp.mean(losses.cross_entropy(out.logits, batch["label"]))
     loss = loss + label_weight * ce
@@ -115,7 +117,8 @@ def make_train_step(config: config_lib.ModelConfig,
                     *,
                     reflections: int = 1,
                     label_weight: float = 1.0,
-                    remat: bool = False):
+                    remat: bool = False,
+                    recon_weight: float = 1.0):
   """Compile `step(state, batch) -> (state, metrics)` for data parallelism.
 
   The state is replicated and the batch split over `mesh`; the input state's
@@ -128,7 +131,7 @@ def make_train_step(config: config_lib.ModelConfig,
         functools.partial(
             loss_and_metrics, config=config, batch=batch,
             reflections=reflections, label_weight=label_weight, remat=remat,
-            noise_key=noise_key),
+            noise_key=noise_key, recon_weight=recon_weight),
         has_aux=True)
     grads, metrics = grad_fn(state.params)
     return state.apply_gradients(grads), metrics
