@@ -13,6 +13,7 @@ import jax
 from absl import flags
 from absl import logging
 
+from lmser_jax import distributed
 from lmser_jax import train_loop
 from lmser_jax.data import idx
 from lmser_jax.data import mnist
@@ -54,6 +55,34 @@ flags.DEFINE_integer("checkpoint_every_steps", 2000,
 flags.DEFINE_integer(
     "eval_examples", 0,
     "Evaluate on the first N test examples only (0: the whole test split).")
+flags.DEFINE_enum(
+    "distributed", "flags", ["flags", "auto"],
+    "How this process finds the other processes of a multi-process run."
+    " 'flags': join them when --coordinator_address is set, as process"
+    " --process_id of --num_processes; without it, run as one process."
+    " 'auto': let JAX detect the run from the cluster environment (Cloud TPU"
+    " pod slices, Slurm, Open MPI); the three flags override what it"
+    " detects.")
+flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port where process 0 runs JAX's coordination service; every"
+    " process of a multi-process run gets the same value.")
+flags.DEFINE_integer("num_processes", None,
+                     "Number of processes in a multi-process run.")
+flags.DEFINE_integer(
+    "process_id", None,
+    "This process's index in [0, --num_processes). Process 0 runs the"
+    " coordinator and writes results; the only flag that differs between"
+    " processes.")
+flags.DEFINE_integer(
+    "coordinator_timeout_seconds", 300,
+    "Seconds to wait for all processes to join the coordinator before"
+    " exiting with an error.")
+
+# Flags that may differ between the processes of one run: the process's own
+# index, and absl's logging and debugging options.
+_PER_PROCESS_FLAGS = frozenset({"process_id"})
+_PER_PROCESS_FLAG_MODULES = ("absl.",)
 
 
 def fail(message: str) -> None:
@@ -68,8 +97,102 @@ def require_positive(**values) -> None:
       fail(f"--{name}={value} is invalid; expected a positive number")
 
 
+def _check_distributed_flags() -> None:
+  require_positive(
+      coordinator_timeout_seconds=FLAGS.coordinator_timeout_seconds)
+  if FLAGS.num_processes is not None and FLAGS.num_processes <= 0:
+    fail(f"--num_processes={FLAGS.num_processes} is invalid; expected a"
+         " positive number")
+  if (FLAGS.num_processes is not None and FLAGS.process_id is not None and
+      not 0 <= FLAGS.process_id < FLAGS.num_processes):
+    fail(f"--process_id={FLAGS.process_id} is invalid; expected a value in"
+         f" [0, {FLAGS.num_processes}) for --num_processes="
+         f"{FLAGS.num_processes}")
+  address = FLAGS.coordinator_address
+  if address is not None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      fail(f"--coordinator_address={address} is invalid; expected host:port,"
+           " for example 10.0.0.1:1234")
+  if FLAGS.distributed == "auto":
+    return
+  if address is None:
+    for name in ("num_processes", "process_id"):
+      if getattr(FLAGS, name) is not None:
+        fail(f"--{name} needs --coordinator_address (or --distributed=auto)")
+    return
+  for name in ("num_processes", "process_id"):
+    if getattr(FLAGS, name) is None:
+      fail(f"--coordinator_address needs --{name} (or --distributed=auto)")
+
+
+def _resolved_flags() -> dict[str, str]:
+  """Flag name to serialised value, without the flags that may differ."""
+  values = {}
+  for name in FLAGS:
+    module = FLAGS.find_module_defining_flag(name) or ""
+    if name in _PER_PROCESS_FLAGS or module.startswith(
+        _PER_PROCESS_FLAG_MODULES):
+      continue
+    values[name] = FLAGS[name].serialize()
+  return values
+
+
+def setup_runtime() -> None:
+  """Join the other processes when the flags ask for it, and compare flags.
+
+  Must run before anything uses a device. Ends the process with a one-line
+  error on invalid distributed flags, on a coordinator that is not reached
+  within --coordinator_timeout_seconds, and on flags that differ between
+  the processes (except --process_id and absl's own flags). In a
+  multi-process run, an uncaught exception later ends its process at once
+  (see `distributed.exit_on_uncaught_exception`). Without
+  --coordinator_address and with --distributed=flags, it starts nothing.
+  `check_common_flags` calls it first.
+  """
+  _check_distributed_flags()
+  if FLAGS.distributed == "flags" and FLAGS.coordinator_address is None:
+    return
+  try:
+    distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        timeout_seconds=FLAGS.coordinator_timeout_seconds,
+        timeout_advice=(
+            "Start every process with the same --coordinator_address and"
+            " --num_processes, check that process 0 is running and that its"
+            " port is reachable from this host, or raise"
+            " --coordinator_timeout_seconds."))
+  except ValueError as error:
+    advice = ""
+    if FLAGS.distributed == "auto":
+      # JAX raises ValueError when it detects no cluster environment.
+      advice = (" --distributed=auto found no Cloud TPU, Slurm or Open MPI"
+                " environment; set --coordinator_address, --num_processes and"
+                " --process_id instead.")
+    fail(f"could not start the JAX distributed runtime: {error}{advice}")
+  distributed.exit_on_uncaught_exception()
+  logging.info("Process %d of %d, with %d of the %d devices.",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  values = _resolved_flags()
+  try:
+    differing = distributed.differing_values(values)
+  except ValueError as error:
+    fail(str(error))
+  if differing:
+    local_values = ", ".join(f"--{name}={values[name]}" for name in differing)
+    fail(f"flags differ between processes; process {jax.process_index()} has"
+         f" {local_values}. Give every process the same flags except"
+         " --process_id.")
+
+
 def check_common_flags() -> None:
-  """Reject bad values of the shared flags with a one-line error."""
+  """Start the multi-process runtime if asked, then reject bad flag values.
+
+  Every rejection is a one-line error. See `setup_runtime` for the
+  multi-process checks.
+  """
+  setup_runtime()
   if not FLAGS.workdir:
     fail("--workdir is required: the directory for checkpoints and results")
   require_positive(
@@ -85,12 +208,15 @@ def check_common_flags() -> None:
   if FLAGS.data_dir is not None and not os.path.isdir(FLAGS.data_dir):
     fail(f"--data_dir={FLAGS.data_dir} is not a directory; expected the"
          f" folder with the {FLAGS.dataset} IDX files")
+  # In a multi-process run this counts the devices of every process.
   num_devices = jax.device_count()
+  where = (f", in {jax.process_count()} processes"
+           if jax.process_count() > 1 else "")
   for name in ("batch_size", "eval_batch_size"):
     value = getattr(FLAGS, name)
     if value % num_devices:
       fail(f"--{name}={value} is invalid: it must be a multiple of the number"
-           f" of devices ({num_devices})")
+           f" of devices ({num_devices}{where})")
 
 
 def load_data() -> tuple[mnist.Split, mnist.Split]:
@@ -175,12 +301,19 @@ def write_flags(directory: str) -> None:
 
 
 class _DropLibraryInfo:
-  """Drop INFO records that orbax emits on every save and restore."""
+  """Drop INFO records of orbax (one per save step) and of JAX's backend probe.
+
+  JAX logs at INFO that it found no TPU each time it starts on a CPU
+  machine, which would turn every one-line error of the binaries into two.
+  """
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or "/orbax/" not in record.pathname
+    if record.levelno > 20:
+      return True
+    return ("/orbax/" not in record.pathname and
+            "xla_bridge" not in record.pathname)
 
 
 def quiet_library_logs() -> None:
-  """Keep absl INFO output for progress lines, without orbax's chatter."""
+  """Keep absl INFO output for progress lines, without library chatter."""
   logging.get_absl_handler().addFilter(_DropLibraryInfo())

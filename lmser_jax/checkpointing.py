@@ -1,9 +1,17 @@
 """Atomic, resumable checkpoints of the training state with orbax.
 
-Orbax writes each step into a temporary directory and renames it when
-complete, so a run killed while saving leaves the previous checkpoint
-intact. The manager keeps the latest step plus any steps named in
-`keep_steps` (the steps that experiments measure).
+Orbax writes each step into a temporary directory
+(`<step>.orbax-checkpoint-tmp-<timestamp>`) and renames it when complete, so
+a run killed while saving leaves the previous checkpoint intact. Such a
+leftover directory never counts as a step, and the next `Checkpointer` on
+the same directory deletes it. The manager keeps the latest step plus any
+steps named in `keep_steps` (the steps that experiments measure).
+
+Checkpoints do not depend on the topology: a state saved on any number of
+devices or processes restores onto any other, placed with the shardings of
+the restoring run. In a multi-process run every process calls `save` and
+`restore` with the same step; orbax synchronises them and writes every array
+once.
 """
 
 import os
@@ -23,7 +31,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=False,
-        create=True)
+        create=True,
+        cleanup_tmp_directories=True)
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

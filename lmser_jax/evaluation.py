@@ -27,7 +27,9 @@ def evaluate(params, config: config_lib.ModelConfig, images: np.ndarray,
     config: the model.
     images: `(N, H, W, C)` uint8.
     labels: `(N,)` int32.
-    mesh: devices to split each batch over.
+    mesh: devices to split each batch over. In a multi-process run every
+      process calls this function with the same arguments and reads only
+      its rows of each batch.
     batch_size: a multiple of the device count; the last batch is padded.
     reflections: reflections per perception.
 
@@ -40,8 +42,12 @@ def evaluate(params, config: config_lib.ModelConfig, images: np.ndarray,
   parallel.check_batch_size(batch_size, mesh, flag="eval_batch_size")
   step = _eval_step(config, mesh, reflections)
   params = jax.device_put(params, parallel.replicated(mesh))
+  # Each process gathers only the rows that its own devices hold.
+  process_index, process_count = parallel.process_layout(mesh)
   totals = None
-  for batch in batches_lib.eval_batches(images, labels, batch_size=batch_size):
+  for batch in batches_lib.eval_batches(
+      images, labels, batch_size=batch_size, process_index=process_index,
+      process_count=process_count):
     sums = step(params, parallel.put_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)

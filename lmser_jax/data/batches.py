@@ -4,6 +4,10 @@ The order of training examples is a pure function of `(seed, step)`: epoch
 `e` visits the examples in `numpy.random.default_rng([seed, e])`'s
 permutation and drops its last partial batch. A resumed run therefore sees
 exactly the batches that an uninterrupted run would have seen.
+
+In a multi-process run every process computes the same global batch indices
+and gathers only its own block of rows (`process_rows`), so the processes
+together read each example of a batch exactly once.
 """
 
 import queue
@@ -21,6 +25,29 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
+def process_rows(batch_size: int, process_index: int,
+                 process_count: int) -> slice:
+  """Rows `[p * local, (p + 1) * local)` of a global batch that process `p` reads.
+
+  `local = batch_size // process_count`. The blocks of all processes
+  partition the batch, in process order.
+
+  Raises:
+    ValueError: `process_index` is outside `[0, process_count)`, or
+      `batch_size` is not a multiple of `process_count`.
+  """
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+        f"process index {process_index} is invalid for {process_count}"
+        " processes")
+  if batch_size % process_count:
+    raise ValueError(
+        f"batch size {batch_size} is not a multiple of the {process_count}"
+        " processes")
+  local = batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
 def batch_indices(seed: int, step: int, num_examples: int,
                   batch_size: int) -> np.ndarray:
   """Indices `(batch_size,)` of the examples of training step `step` (0-based)."""
@@ -31,50 +58,77 @@ def batch_indices(seed: int, step: int, num_examples: int,
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-                  seed: int, start_step: int = 0) -> Iterator[dict]:
-  """Yield training batches from step `start_step` on, forever.
+                  seed: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """Yield this process's rows of the training batches from `start_step` on.
+
+  The batches never end. Row `r` of a global batch is example
+  `batch_indices(seed, step, N, batch_size)[r]`.
 
   Args:
     images: `(N, H, W, C)` uint8.
     labels: `(N,)` int32.
-    batch_size: examples per batch.
+    batch_size: examples per global batch (all processes).
     seed: fixes the order of every epoch.
     start_step: the step of the first batch (for resuming).
+    process_index: this process's block of rows, in `[0, process_count)`.
+    process_count: the number of processes that share each batch.
 
   Yields:
-    dicts with `image` `(batch_size, H, W, C)` uint8 and `label`
-    `(batch_size,)` int32.
+    dicts with `image` `(local, H, W, C)` uint8 and `label` `(local,)`
+    int32: the rows `process_rows(batch_size, process_index,
+    process_count)` of each global batch, `local = batch_size //
+    process_count`.
   """
   num_examples = len(images)
   per_epoch = steps_per_epoch(num_examples, batch_size)
+  rows = process_rows(batch_size, process_index, process_count)
   epoch, position = divmod(start_step, per_epoch)
   while True:
     order = np.random.default_rng([seed, epoch]).permutation(num_examples)
     for index in range(position, per_epoch):
       chosen = np.sort(order[index * batch_size:(index + 1) * batch_size])
+      chosen = chosen[rows]
       yield {"image": images[chosen], "label": labels[chosen]}
     epoch, position = epoch + 1, 0
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, *,
-                 batch_size: int) -> Iterator[dict]:
-  """Yield every example once in order, padding the last batch.
+                 batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+  """Yield this process's rows of batches that visit every example once.
+
+  Global batch `k` contains examples `[k * batch_size, (k + 1) *
+  batch_size)` in order, and the rows past the last example are padding. All processes
+  yield the same number of batches, also those whose rows are all padding.
+
+  Args:
+    images: `(N, H, W, C)` uint8.
+    labels: `(N,)` int32.
+    batch_size: rows per global batch (all processes).
+    process_index: this process's block of rows, in `[0, process_count)`.
+    process_count: the number of processes that share each batch.
 
   Yields:
-    dicts with `image`, `label` and `weight` `(batch_size,)` float32, which
-    is 0 on padding rows; every batch has `batch_size` rows so that one
-    compiled evaluation step serves them all.
+    dicts with `image`, `label` and `weight` `(local,)` float32, which is 0
+    on padding rows, for the rows `process_rows(batch_size, process_index,
+    process_count)` of each global batch. Every batch has `local =
+    batch_size // process_count` rows, so that one compiled evaluation step
+    serves them all.
   """
   num_examples = len(images)
-  for start in range(0, num_examples, batch_size):
-    stop = min(start + batch_size, num_examples)
+  rows = process_rows(batch_size, process_index, process_count)
+  local = rows.stop - rows.start
+  for batch_start in range(0, num_examples, batch_size):
+    start = min(batch_start + rows.start, num_examples)
+    stop = min(batch_start + rows.stop, num_examples)
     size = stop - start
-    weight = np.zeros((batch_size,), np.float32)
+    weight = np.zeros((local,), np.float32)
     weight[:size] = 1.0
     image = images[start:stop]
     label = labels[start:stop]
-    if size < batch_size:
-      pad = batch_size - size
+    if size < local:
+      pad = local - size
       image = np.concatenate([image, np.zeros((pad,) + image.shape[1:],
                                               image.dtype)])
       label = np.concatenate([label, np.zeros((pad,), label.dtype)])
