@@ -113,9 +113,10 @@ def _measure(run_dir, config, state_template, step, test, mesh):
   for start in range(0, len(x), columns):
     rows.extend([np.asarray(x[start:start + columns]),
                  np.asarray(x_hat[start:start + columns])])
-  images_lib.save_grid(
-      os.path.join(run_dir, f"recon_step{step}.png"), np.concatenate(rows),
-      columns=columns, scale=2)
+  if common.is_writer():
+    images_lib.save_grid(
+        os.path.join(run_dir, f"recon_step{step}.png"), np.concatenate(rows),
+        columns=columns, scale=2)
   common.write_json(path, metrics)
   return metrics
 
@@ -194,7 +195,9 @@ def main(argv):
 
   common.write_json(os.path.join(out_dir, "results.json"), results)
   common.write_text(os.path.join(out_dir, "results.md"), _table(results, steps))
-  logging.info("Results written to %s:\n%s", out_dir, _table(results, steps))
+  if common.is_writer():
+    logging.info("Results written to %s:\n%s", out_dir,
+                 _table(results, steps))
 
 
 if __name__ == "__main__":

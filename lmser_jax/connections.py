@@ -1,6 +1,6 @@
 """Connection pairs: a bottom-up map and its exact transpose, one kernel each.
 
-A connection between layer `l-1` and layer `l` holds
+A connection between layer `l-1` and layer `l` contains
 
 - `kernel`: `W_l`, a dense matrix `(n_in, n_out)` or a convolution kernel
   `(k, k, C_in, C_out)` (HWIO);
@@ -39,7 +39,7 @@ def kernel_shape(spec: config_lib.LayerSpec,
 
 def num_noise_values(spec: config_lib.LayerSpec, in_shape: tuple[int, ...],
                      *, dcw: bool) -> int:
-  """How many uniform values `connection_from_noise` consumes."""
+  """Count the uniform values that `connection_from_noise` consumes."""
   return math.prod(kernel_shape(spec, in_shape)) * (1 if dcw else 2)
 
 

@@ -12,7 +12,7 @@ Layers are `0..L`; layer 0 is the input, layer `L` the code. One reflection:
    ("average"), `f(u_l)` without;
 4. the reconstruction `x_hat = sigmoid(W_1^T h_1 + c_0)`.
 
-`k` reflections run as one `lax.scan` whose carry holds the input layer and
+`k` reflections run as one `lax.scan` whose carry is the input layer and
 the top-down inputs `u_l`, so `k` costs one compilation.
 """
 

@@ -1,4 +1,4 @@
-"""The training state, the optimiser of the paper, and the compiled steps.
+"""The training state, the Adam optimiser with per-step decay, and the compiled steps.
 
 `make_train_step` and `make_eval_step` return functions compiled once with
 `jax.jit` for a fixed batch shape; the loops feed them only full batches
@@ -37,7 +37,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 def learning_rate_schedule(learning_rate: float = 0.01,
                            decay_rate: float = 0.9999) -> optax.Schedule:
-  """`learning_rate * decay_rate ** step`: the paper's decay at every step."""
+  """Return `learning_rate * decay_rate ** step`, a decay after every step."""
   return optax.exponential_decay(
       init_value=learning_rate, transition_steps=1, decay_rate=decay_rate)
 
@@ -150,7 +150,7 @@ def make_eval_step(config: config_lib.ModelConfig,
                    reflections: int = 1):
   """Compile `step(params, batch) -> sums` over a weighted batch.
 
-  `batch` holds `image`, `label` and `weight` (1 for real examples, 0 for
+  `batch` contains `image`, `label` and `weight` (1 for real examples, 0 for
   padding). The returned sums (`count`, `mse`, `recon_loss` and, for a
   supervised model, `correct` and `cross_entropy`) add up over batches;
   divide by `count` for means.

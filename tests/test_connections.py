@@ -8,6 +8,17 @@ import pytest
 from lmser_jax import config as config_lib
 from lmser_jax import connections
 
+# Compiled once per case: eager dispatch of the patch slices and of
+# `linear_transpose` would dominate the test time.
+_conv = jax.jit(connections.conv, static_argnums=(2, 3))
+_conv_transpose = jax.jit(connections.conv_transpose, static_argnums=(2, 3, 4))
+
+def _normal(seed, shape):
+  # NumPy draws: each new shape of a JAX random draw costs a compilation.
+  return jnp.asarray(
+      np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 CONV_CASES = [
     # (height, width, channels in, channels out, kernel, stride, padding)
     (28, 28, 1, 16, 3, 2, 1),
@@ -28,13 +39,12 @@ def test_conv_adjoint_identity(case, impl):
   in_shape = (height, width, c_in)
   out_shape = config_lib.ModelConfig(in_shape, (spec, config_lib.Dense(1)),
                                      ).layer_shapes[1]
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  kernel = jax.random.normal(keys[0], (kernel_size, kernel_size, c_in, c_out))
-  x = jax.random.normal(keys[1], (2,) + in_shape)
-  y = jax.random.normal(keys[2], (2,) + out_shape)
+  kernel = _normal(0, (kernel_size, kernel_size, c_in, c_out))
+  x = _normal(1, (2,) + in_shape)
+  y = _normal(2, (2,) + out_shape)
 
-  forward = connections.conv(x, kernel, spec, impl)
-  backward = connections.conv_transpose(y, kernel, spec, in_shape, impl)
+  forward = _conv(x, kernel, spec, impl)
+  backward = _conv_transpose(y, kernel, spec, in_shape, impl)
 
   assert forward.shape == (2,) + out_shape
   assert backward.shape == (2,) + in_shape
@@ -48,17 +58,16 @@ def test_conv_impls_agree(case):
   height, width, c_in, c_out, kernel_size, stride, padding = case
   spec = config_lib.Conv(c_out, kernel_size, stride, padding)
   in_shape = (height, width, c_in)
-  keys = jax.random.split(jax.random.PRNGKey(1), 3)
-  kernel = jax.random.normal(keys[0], (kernel_size, kernel_size, c_in, c_out))
-  x = jax.random.normal(keys[1], (3,) + in_shape)
-  forward_xla = connections.conv(x, kernel, spec, "xla")
-  forward_patches = connections.conv(x, kernel, spec, "patches")
+  kernel = _normal(0, (kernel_size, kernel_size, c_in, c_out))
+  x = _normal(1, (3,) + in_shape)
+  forward_xla = _conv(x, kernel, spec, "xla")
+  forward_patches = _conv(x, kernel, spec, "patches")
   np.testing.assert_allclose(forward_patches, forward_xla, rtol=1e-5,
                              atol=1e-4)
-  y = jax.random.normal(keys[2], forward_xla.shape)
+  y = _normal(2, forward_xla.shape)
   np.testing.assert_allclose(
-      connections.conv_transpose(y, kernel, spec, in_shape, "patches"),
-      connections.conv_transpose(y, kernel, spec, in_shape, "xla"),
+      _conv_transpose(y, kernel, spec, in_shape, "patches"),
+      _conv_transpose(y, kernel, spec, in_shape, "xla"),
       rtol=1e-5, atol=1e-4)
 
 
@@ -70,9 +79,8 @@ def test_dense_adjoint_identity(in_shape, features):
       jax.random.PRNGKey(2), spec, in_shape, dcw=True)
   params = dict(params, bias=jnp.zeros_like(params["bias"]),
                 down_bias=jnp.zeros_like(params["down_bias"]))
-  keys = jax.random.split(jax.random.PRNGKey(3), 2)
-  x = jax.random.normal(keys[0], (4,) + in_shape)
-  y = jax.random.normal(keys[1], (4, features))
+  x = _normal(0, (4,) + in_shape)
+  y = _normal(1, (4, features))
 
   forward = connections.bottom_up(params, spec, x)
   backward = connections.top_down(params, spec, y, in_shape, dcw=True)
@@ -102,10 +110,9 @@ def test_dcw_gradient_sums_both_paths(spec, in_shape):
   """With one shared kernel, its gradient is the bottom-up plus the top-down one."""
   params = connections.init_connection(
       jax.random.PRNGKey(0), spec, in_shape, dcw=True)
-  keys = jax.random.split(jax.random.PRNGKey(1), 2)
-  x = jax.random.normal(keys[0], (2,) + in_shape)
+  x = _normal(0, (2,) + in_shape)
   out_shape = connections.bottom_up(params, spec, x).shape[1:]
-  h = jax.random.normal(keys[1], (2,) + out_shape)
+  h = _normal(1, (2,) + out_shape)
 
   def loss(up_kernel, down_kernel):
     up = connections.bottom_up(dict(params, kernel=up_kernel), spec, x)
@@ -114,8 +121,8 @@ def test_dcw_gradient_sums_both_paths(spec, in_shape):
     return jnp.sum(jnp.sin(up)) + jnp.sum(jnp.cos(down))
 
   kernel = params["kernel"]
-  tied = jax.grad(lambda k: loss(k, k))(kernel)
-  up_part, down_part = jax.grad(loss, argnums=(0, 1))(kernel, kernel)
+  tied = jax.jit(jax.grad(lambda k: loss(k, k)))(kernel)
+  up_part, down_part = jax.jit(jax.grad(loss, argnums=(0, 1)))(kernel, kernel)
   assert float(jnp.abs(up_part).sum()) > 0
   assert float(jnp.abs(down_part).sum()) > 0
   np.testing.assert_allclose(tied, up_part + down_part, rtol=1e-5, atol=1e-5)

