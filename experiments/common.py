@@ -6,10 +6,13 @@ exit status 2 (`fail`), never as a traceback from inside JAX.
 """
 
 import json
+import math
 import os
 import sys
+import tempfile
 
 import jax
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -200,9 +203,24 @@ def check_common_flags() -> None:
       learning_rate=FLAGS.learning_rate, decay_rate=FLAGS.decay_rate,
       reflections=FLAGS.reflections, log_every_steps=FLAGS.log_every_steps,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps)
+  require_positive(adam_eps=FLAGS.adam_eps)
+  for name in ("learning_rate", "decay_rate", "adam_b1", "adam_b2",
+               "adam_eps", "label_weight"):
+    value = getattr(FLAGS, name)
+    if not math.isfinite(value):
+      fail(f"--{name}={value} is invalid; expected a finite number")
   if FLAGS.decay_rate > 1:
     fail(f"--decay_rate={FLAGS.decay_rate} is invalid; expected a value in"
          " (0, 1]")
+  for name in ("adam_b1", "adam_b2"):
+    value = getattr(FLAGS, name)
+    if not 0 <= value < 1:
+      fail(f"--{name}={value} is invalid; expected a value in [0, 1)")
+  if FLAGS.label_weight < 0:
+    fail(f"--label_weight={FLAGS.label_weight} is invalid; expected >= 0")
+  if FLAGS.seed < 0:
+    fail(f"--seed={FLAGS.seed} is invalid; expected an integer >= 0")
+  check_workdir()
   if FLAGS.eval_examples < 0:
     fail(f"--eval_examples={FLAGS.eval_examples} is invalid; expected >= 0")
   if FLAGS.data_dir is not None and not os.path.isdir(FLAGS.data_dir):
@@ -217,6 +235,49 @@ def check_common_flags() -> None:
     if value % num_devices:
       fail(f"--{name}={value} is invalid: it must be a multiple of the number"
            f" of devices ({num_devices}{where})")
+
+
+def check_workdir() -> None:
+  """Fail with one line unless `--workdir` is (or can become) a writable folder."""
+  workdir = FLAGS.workdir
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    fail(f"--workdir={workdir} is a file; expected a directory for"
+         " checkpoints and results")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as error:
+    fail(f"--workdir={workdir} is not a writable directory"
+         f" ({error.strerror or error})")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parse flags for `app.run`, turning a parse error into one `error:` line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    fail(f"{error}; pass --helpshort for the list of flags")
+
+
+def run(main) -> None:
+  """Run an absl `main` with one-line errors for bad flags and interrupts.
+
+  Ctrl-C ends the program with exit status 130 and one line: finished
+  checkpoints and measurements are on disk, so rerunning resumes.
+  """
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except train_loop.SettingsMismatchError as error:
+      fail(str(error))
+    except KeyboardInterrupt:
+      print("error: interrupted; rerun the same command to resume from the"
+            " latest checkpoint", file=sys.stderr)
+      sys.exit(130)
+
+  app.run(guarded, flags_parser=parse_flags)
 
 
 def load_data() -> tuple[mnist.Split, mnist.Split]:

@@ -22,7 +22,6 @@ import time
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -42,8 +41,8 @@ flags.DEFINE_list("archs", ["fc", "cnn"], "Architectures: fc, cnn.")
 flags.DEFINE_list("models", list(config_lib.MODELS),
                   f"Models, any of {', '.join(config_lib.MODELS)}.")
 flags.DEFINE_list("eval_steps", ["500", "5000", "20000"],
-                  "Training iterations at which to measure; the last one is"
-                  " the length of training.")
+                  "Training iterations at which to measure; the largest one"
+                  " is the length of training.")
 flags.DEFINE_integer("grid_images", 16,
                      "Test images shown in each reconstruction picture.")
 
@@ -77,6 +76,12 @@ def _parse_steps() -> list[int]:
 
 def _check_flags() -> list[int]:
   common.check_common_flags()
+  for name in ("archs", "models"):
+    values = getattr(FLAGS, name)
+    if not values:
+      common.fail(f"--{name} is empty; expected at least one value")
+    if len(set(values)) != len(values):
+      common.fail(f"--{name}={','.join(values)} names a value twice")
   for arch in FLAGS.archs:
     if arch not in config_lib.ARCHITECTURES:
       common.fail(f"--archs contains {arch!r}; expected any of"
@@ -95,7 +100,10 @@ def _measure(run_dir, config, state_template, step, test, mesh):
   """Evaluate the checkpoint of `step` and draw its reconstructions."""
   path = os.path.join(run_dir, f"eval_step{step}.json")
   if os.path.exists(path):
-    return common.read_json(path)
+    stored = common.read_json(path)
+    # A measurement on another number of test examples is made again.
+    if stored.get("count") == len(test):
+      return stored
   checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"))
   state = checkpointer.restore(step, state_template)
   checkpointer.close()
@@ -198,7 +206,12 @@ def main(argv):
   if common.is_writer():
     logging.info("Results written to %s:\n%s", out_dir,
                  _table(results, steps))
+  diverged = [key for key, entry in results["models"].items()
+              if entry["status"] != "ok"]
+  if diverged:
+    common.fail(f"{len(diverged)} model(s) diverged: {', '.join(diverged)};"
+                f" their messages are in {out_dir}/results.json")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

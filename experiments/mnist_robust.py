@@ -40,7 +40,6 @@ import os
 import time
 
 import jax
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -568,8 +567,14 @@ def main(argv):
   markdown = _markdown(results)
   common.write_text(os.path.join(out_dir, "results.md"), markdown)
   _plot(results, os.path.join(out_dir, "accuracy_vs_eps.png"))
-  logging.info("Results written to %s:\n%s", out_dir, markdown)
+  if common.is_writer():
+    logging.info("Results written to %s:\n%s", out_dir, markdown)
+  diverged = [key for key, entry in results["models"].items()
+              if entry.get("status") == "diverged"]
+  if diverged:
+    common.fail(f"{len(diverged)} model(s) diverged: {', '.join(diverged)};"
+                f" their messages are in {out_dir}/results.json")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -7,6 +7,7 @@ broken state is written.
 """
 
 import dataclasses
+import json
 import os
 import time
 
@@ -25,6 +26,10 @@ from lmser_jax.data import batches as batches_lib
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
+
+
+class SettingsMismatchError(ValueError):
+  """A run directory holds a model trained with other settings."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,37 @@ class TrainOptions:
   checkpoint_every_steps: int = 2000
   keep_steps: tuple[int, ...] = ()
 
+  def __post_init__(self):
+    positive = dict(num_train_steps=self.num_train_steps,
+                    batch_size=self.batch_size,
+                    learning_rate=self.learning_rate,
+                    decay_rate=self.decay_rate, eps=self.eps,
+                    reflections=self.reflections,
+                    log_every_steps=self.log_every_steps,
+                    checkpoint_every_steps=self.checkpoint_every_steps)
+    for name, value in positive.items():
+      if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value} is invalid; expected a positive"
+                         " finite number")
+    if self.seed < 0:
+      raise ValueError(f"seed={self.seed} is invalid; expected >= 0")
+    if self.label_weight < 0 or self.recon_weight < 0:
+      raise ValueError("label_weight and recon_weight must be >= 0, got"
+                       f" {self.label_weight} and {self.recon_weight}")
+
+  def training_settings(self) -> dict:
+    """Return the fields that change the trained parameters.
+
+    The schedule of logs and checkpoints, `remat` and the length of training
+    are left out: they change no parameter of a given step.
+    """
+    return {
+        name: getattr(self, name)
+        for name in ("batch_size", "seed", "learning_rate", "decay_rate", "b1",
+                     "b2", "eps", "reflections", "label_weight",
+                     "recon_weight")
+    }
+
 
 def _format_seconds(seconds: float) -> str:
   seconds = int(round(seconds))
@@ -83,6 +119,43 @@ def _check_finite(window: list[tuple[int, dict]]) -> None:
       raise NonFiniteLossError(
           f"training loss is {loss} at step {step}; stopped without saving"
           " this state. Lower --learning_rate or check the input data.")
+
+
+def _check_settings(config: config_lib.ModelConfig, options: TrainOptions,
+                    workdir: str) -> None:
+  """Record the run's settings in `workdir`, or compare with those recorded.
+
+  Raises:
+    SettingsMismatchError: `workdir` holds a model trained with another
+      configuration or other hyperparameters, which resuming would mix.
+  """
+  current = json.loads(json.dumps({
+      "model": dataclasses.asdict(config),
+      "training": options.training_settings(),
+  }))
+  path = os.path.join(workdir, "train_settings.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as stream:
+      recorded = json.load(stream)
+    differences = [
+        f"{group}.{name}: {recorded[group].get(name)!r} recorded,"
+        f" {current[group].get(name)!r} now"
+        for group in current
+        for name in sorted(set(current[group]) | set(recorded.get(group, {})))
+        if recorded.get(group, {}).get(name) != current[group].get(name)
+    ]
+    if differences:
+      raise SettingsMismatchError(
+          f"{workdir} holds a model trained with other settings ("
+          + "; ".join(differences[:3]) +
+          "); use another --workdir or delete that folder to start afresh")
+    return
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+      json.dump(current, stream, indent=2, sort_keys=True)
+    os.replace(temporary, path)
 
 
 def initial_state(config: config_lib.ModelConfig, options: TrainOptions,
@@ -128,10 +201,24 @@ def train(config: config_lib.ModelConfig,
 
   Raises:
     NonFiniteLossError: the loss became NaN or infinite.
-    ValueError: the batch size does not fit the devices or the data.
+    SettingsMismatchError: `workdir` holds a model trained with other
+      settings.
+    ValueError: the batch size does not fit the devices or the data, or
+      images, labels and the model disagree.
   """
   mesh = parallel.create_mesh() if mesh is None else mesh
   parallel.check_batch_size(options.batch_size, mesh)
+  if len(images) != len(labels):
+    raise ValueError(f"{len(images)} images but {len(labels)} labels; expected"
+                     " one label per image")
+  if tuple(images.shape[1:]) != tuple(config.input_shape):
+    raise ValueError(f"images of shape {images.shape[1:]} do not match the"
+                     f" model's input_shape {config.input_shape}")
+  if config.supervised and len(labels) and not (
+      0 <= labels.min() and labels.max() < config.num_classes):
+    raise ValueError(f"labels span [{labels.min()}, {labels.max()}]; expected"
+                     f" values in [0, {config.num_classes})")
+  _check_settings(config, options, workdir)
   batches_lib.steps_per_epoch(len(images), options.batch_size)
 
   state = initial_state(config, options, mesh)
@@ -162,6 +249,9 @@ def train(config: config_lib.ModelConfig,
   device_batches = batches_lib.prefetch(
       parallel.put_batch(batch, mesh) for batch in host_batches)
   writer = metric_writer.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  # Records after the restored step were written by the interrupted run and
+  # are written again now.
+  writer.drop_after(start)
   keep_steps = set(options.keep_steps)
 
   window: list[tuple[int, dict]] = []

@@ -1,7 +1,9 @@
 """The training loop on real MNIST: learning, resuming, devices, recompiles."""
 
+import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,3 +222,54 @@ def test_batch_size_must_divide_devices(mnist_train, tmp_path):
   with pytest.raises(ValueError, match="batch_size"):
     train_loop.train(config, _options(batch_size=0), mnist_train.images[:100],
                      mnist_train.labels[:100], str(tmp_path))
+
+
+def test_other_settings_in_same_workdir_raise(mnist_train, tmp_path):
+  config = config_lib.make_config("fc", "lmser_un")
+  images, labels = mnist_train.images[:200], mnist_train.labels[:200]
+  train_loop.train(config, _options(num_train_steps=5), images, labels,
+                   str(tmp_path))
+  with pytest.raises(train_loop.SettingsMismatchError, match="learning_rate"):
+    train_loop.train(config, _options(num_train_steps=5, learning_rate=0.5),
+                     images, labels, str(tmp_path))
+  with pytest.raises(train_loop.SettingsMismatchError, match="activation"):
+    train_loop.train(config.replace(activation="sigmoid"),
+                     _options(num_train_steps=5), images, labels,
+                     str(tmp_path))
+  # Training longer with the same settings is a resume, not a mismatch.
+  state = train_loop.train(config, _options(num_train_steps=10), images,
+                           labels, str(tmp_path))
+  assert int(state.step) == 10
+
+
+def test_resume_rewrites_no_metric_twice(mnist_train, tmp_path):
+  config = config_lib.make_config("fc", "lmser_un")
+  images, labels = mnist_train.images[:400], mnist_train.labels[:400]
+  options = _options(num_train_steps=30, keep_steps=(20,))
+  train_loop.train(config, options, images, labels, str(tmp_path))
+  # Pretend the run was killed after logging step 30 but before its save.
+  checkpoints = tmp_path / "checkpoints"
+  for path in checkpoints.glob("30*"):
+    shutil.rmtree(path)
+  resumed = train_loop.train(config, options, images, labels, str(tmp_path))
+  assert int(resumed.step) == 30
+  steps = [json.loads(line)["step"]
+           for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert steps == sorted(set(steps))
+  assert steps[-1] == 30
+
+
+def test_mismatched_inputs_raise(mnist_train, tmp_path):
+  config = config_lib.make_config("fc", "lmser_sup")
+  images, labels = mnist_train.images[:100], mnist_train.labels[:100]
+  with pytest.raises(ValueError, match="labels"):
+    train_loop.train(config, _options(), images, labels[:50], str(tmp_path))
+  with pytest.raises(ValueError, match=r"expected values in \[0, 10\)"):
+    train_loop.train(config, _options(), images, labels + 42, str(tmp_path))
+  with pytest.raises(ValueError, match="input_shape"):
+    train_loop.train(config, _options(), images[:, :14], labels,
+                     str(tmp_path))
+  with pytest.raises(ValueError, match="seed"):
+    _options(seed=-1)
+  with pytest.raises(ValueError, match="learning_rate"):
+    _options(learning_rate=float("nan"))
