@@ -91,7 +91,9 @@ def activation_fn(name: str):
 
 
 def code_from_top(config: config_lib.ModelConfig, top: jax.Array,
-                  noise_key: jax.Array | None = None) -> jax.Array:
+                  noise_key: jax.Array | None = None,
+                  *,
+                  style_noise: jax.Array | None = None) -> jax.Array:
   """Form the code `h_L` that the decoder receives from `a_L`.
 
   Args:
@@ -99,6 +101,8 @@ def code_from_top(config: config_lib.ModelConfig, top: jax.Array,
     top: `(B, D)` top pre-activation.
     noise_key: when given, Gaussian noise of std `config.style_noise_std`
       is added to the style units (training only).
+    style_noise: `(B, num_style)` standard normal noise to use in place of
+      drawing it from `noise_key`.
 
   Returns:
     `(B, D)`: `softmax(logits)`, then style units, then `f` (or identity)
@@ -110,9 +114,10 @@ def code_from_top(config: config_lib.ModelConfig, top: jax.Array,
     parts.append(jax.nn.softmax(top[:, :num_classes], axis=-1))
   if num_style:
     style = top[:, num_classes:num_classes + num_style]
-    if noise_key is not None:
-      noise = jax.random.normal(noise_key, style.shape, style.dtype)
-      style = style + config.style_noise_std * noise
+    if style_noise is None and noise_key is not None:
+      style_noise = jax.random.normal(noise_key, style.shape, style.dtype)
+    if style_noise is not None:
+      style = style + config.style_noise_std * style_noise
     parts.append(style)
   free = top[:, num_classes + num_style:]
   if free.shape[-1]:
@@ -206,12 +211,33 @@ def decode(params: Params, config: config_lib.ModelConfig,
   return x_hat
 
 
+def draw_style_noise(config: config_lib.ModelConfig, noise_key: jax.Array,
+                     batch_size: int, reflections: int,
+                     dtype=jnp.float32) -> jax.Array | None:
+  """Draw the style noise that `perceive` adds for `noise_key`.
+
+  Returns:
+    `(reflections, batch_size, num_style)` standard normal values, the
+    same ones `perceive(..., noise_key=noise_key)` uses, or None for a model
+    without style units. Slicing rows of it lets a caller perceive parts of
+    a batch with the noise of the whole batch.
+  """
+  if not config.num_style:
+    return None
+  keys = jax.random.split(noise_key, reflections)
+  # A vmap over keys draws the same values as one `normal` call per key.
+  return jax.vmap(
+      lambda key: jax.random.normal(key, (batch_size, config.num_style),
+                                    dtype))(keys)
+
+
 def perceive(params: Params,
              config: config_lib.ModelConfig,
              x: jax.Array,
              *,
              reflections: int = 1,
              noise_key: jax.Array | None = None,
+             style_noise: jax.Array | None = None,
              observed: jax.Array | None = None,
              feed_reconstruction: bool = False,
              return_states: bool = False,
@@ -224,6 +250,8 @@ def perceive(params: Params,
     x: `(B, H, W, C)` float input, pixels in [0, 1].
     reflections: number of reflections `k >= 1` (a Python int).
     noise_key: PRNG key for the style-unit noise; pass it in training only.
+    style_noise: `(reflections, B, num_style)` noise from `draw_style_noise`,
+      used in place of drawing it from `noise_key`.
     observed: optional mask broadcastable to `x`, 1 where a pixel is
       observed. After each reflection the input layer becomes
       `observed * x + (1 - observed) * x_hat` (associative recall), so
@@ -245,13 +273,16 @@ def perceive(params: Params,
   zeros = tuple(
       jnp.zeros((batch,) + shape, x.dtype) for shape in shapes[1:-1])
   init_top = jnp.zeros((batch, config.code_dim), x.dtype)
-  keys = (jax.random.split(noise_key, reflections)
-          if noise_key is not None and config.num_style else None)
+  if style_noise is None and noise_key is not None:
+    style_noise = draw_style_noise(config, noise_key, batch, reflections,
+                                   x.dtype)
+  if not config.num_style:
+    style_noise = None
 
-  def reflect(carry, key):
+  def reflect(carry, noise):
     x_in, top_down_inputs, _, _, _ = carry
     ys, zs, top = bottom_up_pass(params, config, x_in, top_down_inputs)
-    code = code_from_top(config, top, key)
+    code = code_from_top(config, top, style_noise=noise)
     us, hs, x_hat = top_down_pass(params, config, code, ys, zs)
     if observed is not None:
       x_next = observed * x + (1 - observed) * x_hat
@@ -269,6 +300,6 @@ def perceive(params: Params,
     reflect = jax.checkpoint(reflect)
   init = (x, zeros, jnp.zeros_like(x), init_top, init_top)
   (_, _, x_hat, code, top), states = lax.scan(
-      reflect, init, keys, length=reflections)
+      reflect, init, style_noise, length=reflections)
   logits = top[:, :config.num_classes]
   return Perception(x_hat, code, top, logits, states)
