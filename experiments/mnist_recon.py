@@ -62,6 +62,11 @@ MODEL_NAMES = {
 }
 
 
+# Module-level, so that the pictures of every measured step of a model share
+# one compilation.
+_perceive = jax.jit(model_lib.perceive, static_argnums=1)
+
+
 def _parse_steps() -> list[int]:
   try:
     steps = sorted({int(s) for s in FLAGS.eval_steps})
@@ -113,8 +118,7 @@ def _measure(run_dir, config, state_template, step, test, mesh):
   metrics["step"] = step
 
   x = training.images_to_float(test.images[:FLAGS.grid_images])
-  perceive = jax.jit(model_lib.perceive, static_argnums=1)
-  x_hat = perceive(jax.device_get(state.params), config, x).x_hat
+  x_hat = _perceive(jax.device_get(state.params), config, x).x_hat
   columns = min(FLAGS.grid_images, 16)
   # Rows alternate: a row of test images, then their reconstructions.
   rows = []
