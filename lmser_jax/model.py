@@ -268,6 +268,14 @@ def perceive(params: Params,
   """
   if reflections < 1:
     raise ValueError(f"reflections={reflections} is invalid; expected >= 1")
+  if x.ndim != 4 or tuple(x.shape[1:]) != tuple(config.input_shape):
+    raise ValueError(
+        f"x has shape {tuple(x.shape)}; expected (batch,"
+        f" {', '.join(map(str, config.input_shape))}) for this model")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+        f"x has dtype {x.dtype}; expected floating-point pixels in [0, 1]"
+        " (divide uint8 images by 255)")
   batch = x.shape[0]
   shapes = config.layer_shapes
   zeros = tuple(

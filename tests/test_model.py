@@ -183,6 +183,17 @@ def test_remat_keeps_values_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_perceive_rejects_bad_input():
+  config = _config("lmser_un", SMALL_FC)
+  params = model.init_params(jax.random.PRNGKey(0), config)
+  with pytest.raises(ValueError, match="shape"):
+    model.perceive(params, config, jnp.zeros((2, 8, 7, 2)))
+  with pytest.raises(ValueError, match="shape"):
+    model.perceive(params, config, jnp.zeros((2, 9, 7)))
+  with pytest.raises(ValueError, match="dtype"):
+    model.perceive(params, config, jnp.zeros((2, 9, 7, 2), jnp.uint8))
+
+
 def test_invalid_config_raises():
   with pytest.raises(ValueError, match="activation"):
     _config("lmser_un", SMALL_FC, activation="tanh")
