@@ -324,20 +324,13 @@ def train_options(num_train_steps: int, keep_steps=()) -> train_loop.TrainOption
 
 
 def is_writer() -> bool:
-  """Whether this process writes results (process 0 only)."""
+  """Return whether this process writes results (process 0 only)."""
   return jax.process_index() == 0
 
 
 def write_json(path: str, value) -> None:
   """Write `value` as JSON at `path` atomically (temporary file, then rename)."""
-  if not is_writer():
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temporary = path + ".tmp"
-  with open(temporary, "w", encoding="utf-8") as stream:
-    json.dump(value, stream, indent=2, sort_keys=True)
-    stream.write("\n")
-  os.replace(temporary, path)
+  write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def write_text(path: str, text: str) -> None:
@@ -349,6 +342,19 @@ def write_text(path: str, text: str) -> None:
   with open(temporary, "w", encoding="utf-8") as stream:
     stream.write(text)
   os.replace(temporary, path)
+
+
+def fail_if_diverged(results: dict, out_dir: str) -> None:
+  """Exit with one line if any model of `results["models"]` diverged.
+
+  Called after the results are written, so that the finished models'
+  measurements are kept while the exit status still reports the failure.
+  """
+  diverged = [key for key, entry in results["models"].items()
+              if entry.get("status") == "diverged"]
+  if diverged:
+    fail(f"{len(diverged)} model(s) diverged: {', '.join(diverged)};"
+         f" their messages are in {out_dir}/results.json")
 
 
 def read_json(path: str):

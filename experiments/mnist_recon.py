@@ -210,11 +210,7 @@ def main(argv):
   if common.is_writer():
     logging.info("Results written to %s:\n%s", out_dir,
                  _table(results, steps))
-  diverged = [key for key, entry in results["models"].items()
-              if entry["status"] != "ok"]
-  if diverged:
-    common.fail(f"{len(diverged)} model(s) diverged: {', '.join(diverged)};"
-                f" their messages are in {out_dir}/results.json")
+  common.fail_if_diverged(results, out_dir)
 
 
 if __name__ == "__main__":

@@ -569,11 +569,7 @@ def main(argv):
   _plot(results, os.path.join(out_dir, "accuracy_vs_eps.png"))
   if common.is_writer():
     logging.info("Results written to %s:\n%s", out_dir, markdown)
-  diverged = [key for key, entry in results["models"].items()
-              if entry.get("status") == "diverged"]
-  if diverged:
-    common.fail(f"{len(diverged)} model(s) diverged: {', '.join(diverged)};"
-                f" their messages are in {out_dir}/results.json")
+  common.fail_if_diverged(results, out_dir)
 
 
 if __name__ == "__main__":

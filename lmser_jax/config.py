@@ -1,5 +1,8 @@
 """Model configuration: layer specs, the DCW/DPN switches and the paper's models.
 
+The paper is Huang, Tu and Xu (2019), "Revisit Lmser and its further
+development based on convolutional layers".
+
 A `ModelConfig` is a frozen, hashable dataclass, so it can be a static argument
 of `jax.jit`. Layers are listed bottom-up: connection `l` (1-based) maps layer
 `l-1` to layer `l`; the last connection ends at the top (code) layer.

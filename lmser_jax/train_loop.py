@@ -29,7 +29,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class SettingsMismatchError(ValueError):
-  """A run directory holds a model trained with other settings."""
+  """A run directory contains a model trained with other settings."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +126,7 @@ def _check_settings(config: config_lib.ModelConfig, options: TrainOptions,
   """Record the run's settings in `workdir`, or compare with those recorded.
 
   Raises:
-    SettingsMismatchError: `workdir` holds a model trained with another
+    SettingsMismatchError: `workdir` contains a model trained with another
       configuration or other hyperparameters, which resuming would mix.
   """
   current = json.loads(json.dumps({
@@ -146,7 +146,7 @@ def _check_settings(config: config_lib.ModelConfig, options: TrainOptions,
     ]
     if differences:
       raise SettingsMismatchError(
-          f"{workdir} holds a model trained with other settings ("
+          f"{workdir} contains a model trained with other settings ("
           + "; ".join(differences[:3]) +
           "); use another --workdir or delete that folder to start afresh")
     return
@@ -201,7 +201,7 @@ def train(config: config_lib.ModelConfig,
 
   Raises:
     NonFiniteLossError: the loss became NaN or infinite.
-    SettingsMismatchError: `workdir` holds a model trained with other
+    SettingsMismatchError: `workdir` contains a model trained with other
       settings.
     ValueError: the batch size does not fit the devices or the data, or
       images, labels and the model disagree.
