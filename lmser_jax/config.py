@@ -200,6 +200,40 @@ def cnn_layers(channels: Sequence[int] = (16, 32, 64, 64),
   return convs + (Dense(code_dim),)
 
 
+FACE_CHANNELS = (16, 32, 64, 128, 256, 256, 256)
+
+
+def face_layers(image_size: int = 128, code_dim: int = 256):
+  """The paper's CelebA stack, scaled to `image_size`, then a dense code layer.
+
+  3x3 kernels with padding 1 and channels 16-32-64-128-256-256-256 with
+  strides 1-2-2-2-2-2-2 at 128x128 (128 -> 128 -> 64 -> ... -> 2), the
+  stack of the authors' public code. Every halving of the image size drops
+  the last stride-2 layer, so the top map stays 2x2 (at 64x64: channels
+  16-32-64-128-256-256).
+
+  Args:
+    image_size: side of the square input, 128 divided by a power of two,
+      at least 8.
+    code_dim: units of the code layer.
+
+  Raises:
+    ValueError: `image_size` is not 128 / 2^k for some k >= 0, or below 8.
+  """
+  halvings = 0
+  size = 128
+  while size > image_size and size % 2 == 0:
+    size //= 2
+    halvings += 1
+  if size != image_size or image_size < 8:
+    raise ValueError(
+        f"image_size={image_size} is invalid; expected 128 divided by a"
+        " power of two (128, 64, 32, ...), at least 8")
+  channels = FACE_CHANNELS[:len(FACE_CHANNELS) - halvings]
+  strides = (1,) + (2,) * (len(channels) - 1)
+  return cnn_layers(channels, strides, code_dim=code_dim)
+
+
 def make_config(arch: str = "fc",
                 model: str = "lmser_un",
                 *,

@@ -45,3 +45,9 @@ def fashion_mnist_dir() -> pathlib.Path:
 def celeba_half_dir() -> pathlib.Path:
   """Folder with 10,000 aligned CelebA faces at 89x109."""
   return _require_dir("celeba-aligned-half")
+
+
+@pytest.fixture(scope="session")
+def celeba_full_dir() -> pathlib.Path:
+  """Folder with the first 32 aligned CelebA faces at 178x218."""
+  return _require_dir("celeba-aligned-full")
