@@ -25,7 +25,8 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string(
     "data_dir", None,
-    "Folder with the four IDX files of the dataset (gzip or raw). When unset,"
+    "Dataset folder: the four IDX files of MNIST or Fashion-MNIST (gzip or"
+    " raw), or aligned CelebA JPEGs for the face experiment. When unset,"
     " the data is loaded through tensorflow-datasets, which needs a network.")
 flags.DEFINE_enum("dataset", "mnist", mnist.DATASETS, "Dataset to use.")
 flags.DEFINE_string("workdir", None,
@@ -189,11 +190,12 @@ def setup_runtime() -> None:
          " --process_id.")
 
 
-def check_common_flags() -> None:
+def check_common_flags(data_description: str | None = None) -> None:
   """Start the multi-process runtime if asked, then reject bad flag values.
 
   Every rejection is a one-line error. See `setup_runtime` for the
-  multi-process checks.
+  multi-process checks. `data_description` says what `--data_dir` should
+  hold (default: the IDX files of `--dataset`).
   """
   setup_runtime()
   if not FLAGS.workdir:
@@ -224,8 +226,9 @@ def check_common_flags() -> None:
   if FLAGS.eval_examples < 0:
     fail(f"--eval_examples={FLAGS.eval_examples} is invalid; expected >= 0")
   if FLAGS.data_dir is not None and not os.path.isdir(FLAGS.data_dir):
+    what = data_description or f"the {FLAGS.dataset} IDX files"
     fail(f"--data_dir={FLAGS.data_dir} is not a directory; expected the"
-         f" folder with the {FLAGS.dataset} IDX files")
+         f" folder with {what}")
   # In a multi-process run this counts the devices of every process.
   num_devices = jax.device_count()
   where = (f", in {jax.process_count()} processes"
