@@ -71,35 +71,10 @@ flags.DEFINE_string("cache_dir", None,
 flags.DEFINE_integer("panel_images", 8, "Held-out faces shown per panel.")
 
 
-def _check_list(name: str, allowed) -> list[str]:
-  values = getattr(FLAGS, name)
-  if not values:
-    common.fail(f"--{name} is empty; expected at least one value")
-  if len(set(values)) != len(values):
-    common.fail(f"--{name}={','.join(values)} names a value twice")
-  for value in values:
-    if value not in allowed:
-      common.fail(f"--{name} contains {value!r}; expected any of"
-                  f" {', '.join(allowed)}")
-  return list(values)
-
-
-def parse_reflections(values: list[str]) -> tuple[int, ...]:
-  """Parse --recall_reflections into sorted distinct positive integers."""
-  try:
-    counts = sorted({int(v) for v in values})
-  except ValueError:
-    counts = []
-  if not counts or counts[0] < 1:
-    common.fail(f"--recall_reflections={','.join(values)} is invalid;"
-                " expected comma-separated positive integers")
-  return tuple(counts)
-
-
 def _check_flags():
   common.check_common_flags(data_description="aligned CelebA JPEG images")
-  _check_list("models", _MODELS)
-  _check_list("masks", masks_lib.FACE_MASKS)
+  common.check_list_flag("models", _MODELS)
+  common.check_list_flag("masks", masks_lib.FACE_MASKS)
   common.require_positive(train_steps=FLAGS.train_steps,
                           code_dim=FLAGS.code_dim,
                           panel_images=FLAGS.panel_images)
@@ -117,7 +92,7 @@ def _check_flags():
   if test_first <= train_last and ids["train_ids"][0] <= test_last:
     common.fail(f"--train_ids={FLAGS.train_ids} and --test_ids="
                 f"{FLAGS.test_ids} overlap; expected disjoint ranges")
-  return ids, parse_reflections(FLAGS.recall_reflections)
+  return ids, common.parse_positive_ints("recall_reflections")
 
 
 def _load(ids):

@@ -101,6 +101,32 @@ def require_positive(**values) -> None:
       fail(f"--{name}={value} is invalid; expected a positive number")
 
 
+def check_list_flag(name: str, allowed) -> list[str]:
+  """Return list flag `--name`, or fail unless its values are distinct and allowed."""
+  values = getattr(FLAGS, name)
+  if not values:
+    fail(f"--{name} is empty; expected at least one value")
+  if len(set(values)) != len(values):
+    fail(f"--{name}={','.join(values)} names a value twice")
+  for value in values:
+    if value not in allowed:
+      fail(f"--{name} contains {value!r}; expected any of {', '.join(allowed)}")
+  return list(values)
+
+
+def parse_positive_ints(name: str) -> tuple[int, ...]:
+  """Parse list flag `--name` into sorted distinct positive integers, or fail."""
+  values = getattr(FLAGS, name)
+  try:
+    numbers = sorted({int(v) for v in values})
+  except ValueError:
+    numbers = []
+  if not numbers or numbers[0] < 1:
+    fail(f"--{name}={','.join(values)} is invalid; expected comma-separated"
+         " positive integers")
+  return tuple(numbers)
+
+
 def _check_distributed_flags() -> None:
   require_positive(
       coordinator_timeout_seconds=FLAGS.coordinator_timeout_seconds)

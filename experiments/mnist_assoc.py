@@ -49,42 +49,17 @@ flags.DEFINE_enum("fill", "mean", ["mean", "zero"],
 flags.DEFINE_integer("panel_images", 12, "Test images shown per panel.")
 
 
-def _check_list(name: str, allowed) -> list[str]:
-  values = getattr(FLAGS, name)
-  if not values:
-    common.fail(f"--{name} is empty; expected at least one value")
-  if len(set(values)) != len(values):
-    common.fail(f"--{name}={','.join(values)} names a value twice")
-  for value in values:
-    if value not in allowed:
-      common.fail(f"--{name} contains {value!r}; expected any of"
-                  f" {', '.join(allowed)}")
-  return list(values)
-
-
-def _parse_reflections() -> tuple[int, ...]:
-  values = FLAGS.recall_reflections
-  try:
-    counts = sorted({int(v) for v in values})
-  except ValueError:
-    counts = []
-  if not counts or counts[0] < 1:
-    common.fail(f"--recall_reflections={','.join(values)} is invalid;"
-                " expected comma-separated positive integers")
-  return tuple(counts)
-
-
 def main(argv):
   if len(argv) > 1:
     common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   common.quiet_library_logs()
   common.check_common_flags()
-  _check_list("archs", config_lib.ARCHITECTURES)
-  _check_list("models", _MODELS)
-  _check_list("masks", masks_lib.DIGIT_MASKS)
+  common.check_list_flag("archs", config_lib.ARCHITECTURES)
+  common.check_list_flag("models", _MODELS)
+  common.check_list_flag("masks", masks_lib.DIGIT_MASKS)
   common.require_positive(train_steps=FLAGS.train_steps,
                           panel_images=FLAGS.panel_images)
-  reflections = _parse_reflections()
+  reflections = common.parse_positive_ints("recall_reflections")
   out_dir = os.path.join(FLAGS.workdir, FLAGS.dataset)
   common.write_flags(out_dir)
   logging.info("Flags:\n%s", FLAGS.flags_into_string())

@@ -3,10 +3,10 @@
 Used by `experiments.celeba_assoc` and `experiments.mnist_assoc`. It defines
 no flags: the binaries pass every setting in.
 
-For every model it trains (or resumes), measures the plain reconstruction
-error and, for every mask, the error and PSNR on the hidden pixels after
-each of the asked reflection counts, beside a baseline that leaves the fill
-value (the training mean) in the hidden pixels. Measurements are kept in the
+For every model it trains (or resumes) and measures the plain
+reconstruction error. Then, for every mask, it measures the error and PSNR
+on the hidden pixels after each chosen number of reflections. A baseline
+leaves the fill value (the training mean) in the hidden pixels. Measurements are kept in the
 run folder, so a rerun only measures what is missing.
 """
 
@@ -37,7 +37,7 @@ MODEL_NAMES = {
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """What every model of one recall experiment shares.
+  """Settings and data shared by every model of one recall experiment.
 
   Attributes:
     train_images: uint8 `(N, H, W, C)` training images (may be a memory map).
@@ -70,7 +70,7 @@ def mask_fn(name: str) -> recall.MaskFn:
 
 
 def _measure(run_dir: str, config, params, setup: Setup, mesh) -> dict:
-  """Reconstruction and recall of one trained model; reused when unchanged."""
+  """Measure reconstruction and recall of one model, or read them back."""
   path = os.path.join(run_dir, "recall.json")
   key = {"count": len(setup.test_images), "masks": list(setup.mask_names),
          "reflections": list(setup.reflections), "fill": setup.fill_name,
@@ -107,7 +107,7 @@ def _measure(run_dir: str, config, params, setup: Setup, mesh) -> dict:
 
 
 def _panels(trained: dict, setup: Setup) -> list[str]:
-  """One PNG per mask: masked input, each model's recall, and the truth."""
+  """Write one PNG per mask: masked input, each model's recall, the truth."""
   count = min(setup.panel_images, len(setup.test_images))
   x = np.asarray(setup.test_images[:count], np.float32) / 255.0
   _, height, width, _ = x.shape

@@ -17,6 +17,7 @@ from lmser_jax.config import Dense
 from lmser_jax.config import MODELS
 from lmser_jax.config import ModelConfig
 from lmser_jax.config import cnn_layers
+from lmser_jax.config import face_layers
 from lmser_jax.config import fc_layers
 from lmser_jax.config import make_config
 from lmser_jax.evaluation import evaluate
@@ -49,6 +50,7 @@ __all__ = [
     "create_train_state",
     "decode",
     "evaluate",
+    "face_layers",
     "fc_layers",
     "init_params",
     "make_config",

@@ -187,7 +187,7 @@ def _write_cache(path: str, faces: Iterable[np.ndarray], count: int,
 
 
 def _open_cache(path: str, meta: dict) -> np.ndarray | None:
-  """The cached array if `path` exists and was made from the same source."""
+  """Return the cached array if `path` exists and was made from the same source."""
   if not (os.path.exists(path) and os.path.exists(f"{path}.json")):
     return None
   with open(f"{path}.json", encoding="utf-8") as stream:
