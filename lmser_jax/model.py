@@ -287,8 +287,14 @@ def perceive(params: Params,
   if not config.num_style:
     style_noise = None
 
+  # With the input clamped to `x`, it is read from the closure instead of
+  # the carry, so that a remat scan does not store one copy per reflection.
+  carries_input = observed is not None or feed_reconstruction
+
   def reflect(carry, noise):
-    x_in, top_down_inputs, _, _, _ = carry
+    """One reflection: `(carry, noise) -> (carry, (x_hat, code, top, states))`."""
+    carried_input, top_down_inputs = carry
+    x_in = carried_input if carries_input else x
     ys, zs, top = bottom_up_pass(params, config, x_in, top_down_inputs)
     code = code_from_top(config, top, style_noise=noise)
     us, hs, x_hat = top_down_pass(params, config, code, ys, zs)
@@ -297,17 +303,37 @@ def perceive(params: Params,
     elif feed_reconstruction:
       x_next = x_hat
     else:
-      x_next = x
+      x_next = None
     states = None
     if return_states:
       states = States(x_in, tuple(ys), tuple(zs), tuple(us), tuple(hs), top,
                       code, x_hat)
-    return (x_next, tuple(us), x_hat, code, top), states
+    return (x_next, tuple(us)), (x_hat, code, top, states)
 
   if remat:
     reflect = jax.checkpoint(reflect)
-  init = (x, zeros, jnp.zeros_like(x), init_top, init_top)
-  (_, _, x_hat, code, top), states = lax.scan(
-      reflect, init, style_noise, length=reflections)
+
+  # The first k - 1 reflections only pass their carry on (and their states),
+  # so the scan neither keeps their outputs nor, when the input is clamped,
+  # computes their reconstructions: XLA drops that dead code.
+  def inner(carry, noise):
+    carry, (_, _, _, states) = reflect(carry, noise)
+    return carry, states
+
+  carry = (x if carries_input else None, zeros)
+  noise_head = noise_last = None
+  if style_noise is not None:
+    noise_head, noise_last = style_noise[:-1], style_noise[-1]
+  head_states = None
+  if reflections > 1:
+    carry, head_states = lax.scan(inner, carry, noise_head,
+                                  length=reflections - 1)
+  _, (x_hat, code, top, last_states) = reflect(carry, noise_last)
+  states = last_states
+  if return_states:
+    states = jax.tree.map(lambda s: s[None], last_states)
+    if head_states is not None:
+      states = jax.tree.map(lambda h, s: jnp.concatenate([h, s]),
+                            head_states, states)
   logits = top[:, :config.num_classes]
   return Perception(x_hat, code, top, logits, states)

@@ -1,0 +1,81 @@
+r"""Memory of the compiled training step as reflections grow, with and without remat.
+
+For every model and batch size, compiles `training.make_train_step` with 1
+reflection and with `--reflections` (8 by default), with and without
+`remat` (each reflection recomputed in the backward pass instead of
+stored), and prints XLA's memory analysis of each compiled step (arguments,
+outputs and temporaries, less the donated buffers that outputs reuse) with
+the ratios to the 1-reflection step, all measured in one run. Nothing is
+executed, so the numbers do not depend on the load of the machine.
+
+Usage:
+  python -m benchmarks.remat_memory
+  python -m benchmarks.remat_memory --archs=cnn --batch_sizes=500 \
+      --reflections=16
+"""
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+from lmser_jax import config as config_lib
+from lmser_jax import parallel
+from lmser_jax import train_loop
+from lmser_jax import training
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_list("archs", ["fc", "cnn"], "Architectures.")
+flags.DEFINE_list("models", ["lmser_un", "lmser_sup"], "Models.")
+flags.DEFINE_list("batch_sizes", ["50", "500"], "Batch sizes.")
+flags.DEFINE_integer("reflections", 8, "The larger number of reflections.")
+
+
+def step_memory(config, batch_size: int, reflections: int, remat: bool,
+                mesh) -> int:
+  """Bytes of XLA's memory analysis of one compiled training step."""
+  options = train_loop.TrainOptions(num_train_steps=1, batch_size=batch_size,
+                                    reflections=reflections, remat=remat)
+  state = train_loop.initial_state(config, options, mesh)
+  step = training.make_train_step(config, mesh, reflections=reflections,
+                                  remat=remat)
+  height, width, channels = config.input_shape
+  batch = parallel.put_batch({
+      "image": np.zeros((batch_size, height, width, channels), np.uint8),
+      "label": np.zeros((batch_size,), np.int32),
+  }, mesh)
+  memory = step.lower(state, batch).compile().memory_analysis()
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+          memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.reflections < 2:
+    raise app.UsageError(f"--reflections={FLAGS.reflections} is invalid;"
+                         " expected at least 2")
+  mesh = parallel.create_mesh()
+  k = FLAGS.reflections
+  print(f"jax {jax.__version__}, {mesh.devices.size} {jax.default_backend()}"
+        " device(s); MiB of the compiled training step")
+  print()
+  print(f"| arch | model | batch | 1 refl. | {k} refl. | {k} refl. + remat |"
+        f" {k} / 1 | {k} + remat / 1 |")
+  print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  for arch in FLAGS.archs:
+    for model in FLAGS.models:
+      config = config_lib.make_config(arch, model)
+      for batch_size in (int(b) for b in FLAGS.batch_sizes):
+        one = step_memory(config, batch_size, 1, False, mesh)
+        many = step_memory(config, batch_size, k, False, mesh)
+        many_remat = step_memory(config, batch_size, k, True, mesh)
+        mib = lambda b: f"{b / 2**20:.1f}"
+        print(f"| {arch} | {model} | {batch_size} | {mib(one)} | {mib(many)} |"
+              f" {mib(many_remat)} | {many / one:.2f}x |"
+              f" {many_remat / one:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
