@@ -97,6 +97,9 @@ def _check_flags():
 
 def _load(ids):
   cache_dir = FLAGS.cache_dir or os.path.join(FLAGS.workdir, "cache")
+  if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+    common.fail(f"--cache_dir={cache_dir} is a file; expected a directory for"
+                " the decoded faces")
   try:
     if FLAGS.data_dir is not None:
       train = celeba.load_folder_split(FLAGS.data_dir, ids["train_ids"],
@@ -111,7 +114,8 @@ def _load(ids):
   except idx.DataError as error:
     common.fail(str(error))
   except OSError as error:
-    common.fail(f"could not write the face cache in {cache_dir}: {error}")
+    common.fail(f"--cache_dir={cache_dir}: could not write the face cache"
+                f" ({error.strerror or error})")
   test_images = test.images
   if FLAGS.eval_examples:
     test_images = test_images[:FLAGS.eval_examples]

@@ -299,7 +299,8 @@ def run(main) -> None:
   def guarded(argv):
     try:
       main(argv)
-    except train_loop.SettingsMismatchError as error:
+    except (train_loop.SettingsMismatchError,
+            train_loop.RunDirInUseError) as error:
       fail(str(error))
     except KeyboardInterrupt:
       print("error: interrupted; rerun the same command to resume from the"

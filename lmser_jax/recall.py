@@ -41,6 +41,12 @@ def complete(params, config: config_lib.ModelConfig, x: jax.Array,
     float `(K, B, H, W, C)`: after reflection `k`, the observed pixels of
     `x` and the reconstruction `x_hat_k` on the hidden ones.
   """
+  if (observed.ndim != x.ndim or observed.shape[:3] != x.shape[:3] or
+      observed.shape[3] not in (1, x.shape[3])):
+    raise ValueError(
+        f"observed has shape {tuple(observed.shape)}; expected"
+        f" {tuple(x.shape[:3]) + (1,)} or {tuple(x.shape)} for images of shape"
+        f" {tuple(x.shape)}")
   x_in = observed * x + (1 - observed) * fill
   out = model.perceive(params, config, x_in, reflections=reflections,
                        observed=observed, return_states=True)

@@ -70,6 +70,23 @@ def test_cache_is_not_reused_for_another_range_or_size(celeba_half_dir,
   assert c.images.shape == (8, 64, 64, 3)
 
 
+def test_cache_is_rebuilt_when_an_image_changes(celeba_half_dir, tmp_path):
+  folder = tmp_path / "faces"
+  folder.mkdir()
+  for i in (1, 2, 3):
+    (folder / f"{i:06d}.jpg").write_bytes(
+        (celeba_half_dir / f"{i:06d}.jpg").read_bytes())
+  before = np.asarray(celeba.load_folder_split(
+      str(folder), (1, 3), 32, str(tmp_path / "c")).images)
+  (folder / "000002.jpg").write_bytes(
+      (celeba_half_dir / "000009.jpg").read_bytes())
+  after = np.asarray(celeba.load_folder_split(
+      str(folder), (1, 3), 32, str(tmp_path / "c")).images)
+  np.testing.assert_array_equal(after[[0, 2]], before[[0, 2]])
+  np.testing.assert_array_equal(
+      after[1], celeba.load_face(str(celeba_half_dir / "000009.jpg"), 32))
+
+
 def test_mean_image_matches_numpy(celeba_half_dir, tmp_path):
   faces = celeba.load_folder_split(str(celeba_half_dir), (1, 30), 32,
                                    str(tmp_path))
@@ -111,14 +128,16 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
 
 def test_too_small_image_is_a_clear_error(tmp_path):
   _write_jpeg(tmp_path / "000001.jpg", 9, 11)
-  with pytest.raises(DataError, match="too small for the face crop"):
+  with pytest.raises(DataError, match="too small for the face crop") as info:
     celeba.load_folder_split(str(tmp_path), (1, 1), 32, str(tmp_path / "c"))
+  assert "not a readable image" not in str(info.value)
 
 
 def test_image_of_another_shape_is_a_clear_error(tmp_path):
   _write_jpeg(tmp_path / "000001.jpg", 100, 100)
-  with pytest.raises(DataError, match="expected an aligned CelebA image"):
+  with pytest.raises(DataError, match="expected an aligned CelebA image") as info:
     celeba.load_folder_split(str(tmp_path), (1, 1), 32, str(tmp_path / "c"))
+  assert "not a readable image" not in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["", "5", "a-b", "0-3", "9-3", "1-2-3"])

@@ -122,6 +122,14 @@ def test_random_masks_do_not_depend_on_the_batch_size():
   assert a["fill_mse"] != c["fill_mse"]
 
 
+def test_mask_of_another_shape_is_rejected():
+  config, params = _model("ae")
+  x = np.zeros((8, 28, 28, 1), np.float32)
+  with pytest.raises(ValueError, match="observed has shape"):
+    recall.complete(params, config, x, masks.lower_half(4, 28, 28),
+                    np.zeros((28, 28, 1), np.float32), reflections=1)
+
+
 def test_psnr():
   assert recall.psnr(0.01) == pytest.approx(20.0)
   assert recall.psnr(0.0) == float("inf")

@@ -242,6 +242,34 @@ def test_other_settings_in_same_workdir_raise(mnist_train, tmp_path):
   assert int(state.step) == 10
 
 
+def test_other_data_in_same_workdir_raise(mnist_train, tmp_path):
+  config = config_lib.make_config("fc", "lmser_un")
+  images, labels = mnist_train.images[:200], mnist_train.labels[:200]
+  train_loop.train(config, _options(num_train_steps=5), images, labels,
+                   str(tmp_path))
+  with pytest.raises(train_loop.SettingsMismatchError, match="other data"):
+    train_loop.train(config, _options(num_train_steps=5),
+                     mnist_train.images[200:400], labels, str(tmp_path))
+  with pytest.raises(train_loop.SettingsMismatchError, match="other data"):
+    train_loop.train(config, _options(num_train_steps=5), images,
+                     (labels + 1) % 10, str(tmp_path))
+
+
+def test_run_dir_in_use_raises(mnist_train, tmp_path):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  config = config_lib.make_config("fc", "lmser_un")
+  images, labels = mnist_train.images[:200], mnist_train.labels[:200]
+  with open(tmp_path / ".lock", "w", encoding="utf-8") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with pytest.raises(train_loop.RunDirInUseError, match="in use"):
+      train_loop.train(config, _options(num_train_steps=5), images, labels,
+                       str(tmp_path))
+  # Released: the same call now trains.
+  state = train_loop.train(config, _options(num_train_steps=5), images,
+                           labels, str(tmp_path))
+  assert int(state.step) == 5
+
+
 def test_resume_rewrites_no_metric_twice(mnist_train, tmp_path):
   config = config_lib.make_config("fc", "lmser_un")
   images, labels = mnist_train.images[:400], mnist_train.labels[:400]

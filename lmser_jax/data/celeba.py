@@ -124,6 +124,8 @@ def load_face(path: str, image_size: int) -> np.ndarray:
   try:
     with Image.open(path) as image:
       return crop_and_resize(image, image_size, source=path)
+  except DataError:
+    raise
   except FileNotFoundError:
     raise DataError(f"{path} does not exist; expected the aligned CelebA"
                     " image with this id") from None
@@ -220,7 +222,8 @@ def load_folder_split(data_dir: str, ids: tuple[int, int], image_size: int,
     ids: `(first, last)` CelebA ids, 1-based, inclusive.
     image_size: side `S` of the square output.
     cache_dir: folder for the cache; a cache made from another folder, id
-      range, size or crop is never reused.
+      range, size or crop, or before a file of the range changed (size or
+      modification time), is never reused.
 
   Returns:
     `Faces` with images uint8 `(last - first + 1, S, S, 3)`, memory-mapped.
@@ -229,10 +232,16 @@ def load_folder_split(data_dir: str, ids: tuple[int, int], image_size: int,
     DataError: see `image_paths` and `load_face`.
   """
   paths = image_paths(data_dir, ids)
-  stat = os.stat(paths[-1])
+  # Sizes and modification times of every file: a replaced image makes a
+  # new cache instead of serving the old pixels.
+  files = hashlib.sha1()
+  for path in paths:
+    stat = os.stat(path)
+    files.update(f"{os.path.basename(path)}:{stat.st_size}:"
+                 f"{stat.st_mtime_ns};".encode())
   meta = {"source": os.path.abspath(data_dir), "ids": list(ids),
           "image_size": image_size, "version": _CACHE_VERSION,
-          "last_file": [stat.st_size, int(stat.st_mtime)]}
+          "files": files.hexdigest()}
   path = _cache_path(cache_dir, meta)
   images = _open_cache(path, meta)
   if images is None:
