@@ -92,7 +92,7 @@ def _check_flags():
   if test_first <= train_last and ids["train_ids"][0] <= test_last:
     common.fail(f"--train_ids={FLAGS.train_ids} and --test_ids="
                 f"{FLAGS.test_ids} overlap; expected disjoint ranges")
-  return ids, common.parse_positive_ints("recall_reflections")
+  return ids, common.parse_int_list("recall_reflections")
 
 
 def _load(ids):

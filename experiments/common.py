@@ -114,16 +114,17 @@ def check_list_flag(name: str, allowed) -> list[str]:
   return list(values)
 
 
-def parse_positive_ints(name: str) -> tuple[int, ...]:
-  """Parse list flag `--name` into sorted distinct positive integers, or fail."""
+def parse_int_list(name: str, minimum: int = 1) -> tuple[int, ...]:
+  """Parse list flag `--name` into sorted distinct integers >= `minimum`, or fail."""
   values = getattr(FLAGS, name)
+  kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
   try:
     numbers = sorted({int(v) for v in values})
   except ValueError:
     numbers = []
-  if not numbers or numbers[0] < 1:
+  if not numbers or numbers[0] < minimum:
     fail(f"--{name}={','.join(values)} is invalid; expected comma-separated"
-         " positive integers")
+         f" {kind}")
   return tuple(numbers)
 
 

@@ -59,7 +59,7 @@ def main(argv):
   common.check_list_flag("masks", masks_lib.DIGIT_MASKS)
   common.require_positive(train_steps=FLAGS.train_steps,
                           panel_images=FLAGS.panel_images)
-  reflections = common.parse_positive_ints("recall_reflections")
+  reflections = common.parse_int_list("recall_reflections")
   out_dir = os.path.join(FLAGS.workdir, FLAGS.dataset)
   common.write_flags(out_dir)
   logging.info("Flags:\n%s", FLAGS.flags_into_string())

@@ -132,19 +132,6 @@ class Settings:
   gen_reflections: tuple[int, ...]
 
 
-def _parse_reflections() -> tuple[int, ...]:
-  text = ",".join(FLAGS.gen_reflections)
-  message = (f"--gen_reflections={text} is invalid; expected comma-separated"
-             " integers >= 0")
-  try:
-    values = [int(value) for value in FLAGS.gen_reflections]
-  except ValueError:
-    common.fail(message)
-  if not values or min(values) < 0:
-    common.fail(message)
-  return tuple(sorted(set(values)))
-
-
 def _check_flags() -> Settings:
   """Reject bad flag values with a one-line error, then parse the lists."""
   # This binary's own flags come first: they need no JAX backend, so an
@@ -176,7 +163,7 @@ def _check_flags() -> Settings:
   if FLAGS.sweep_image_index < 0:
     common.fail(f"--sweep_image_index={FLAGS.sweep_image_index} is invalid;"
                 " expected an index >= 0 into the test split")
-  settings = Settings(_parse_reflections())
+  settings = Settings(common.parse_int_list("gen_reflections", minimum=0))
   common.check_common_flags()
   return settings
 

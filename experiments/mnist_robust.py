@@ -125,19 +125,6 @@ def _parse_eps_list() -> tuple[float, ...]:
   return tuple(sorted(set(values)))
 
 
-def _parse_reflections() -> tuple[int, ...]:
-  text = ",".join(FLAGS.test_reflections)
-  message = (f"--test_reflections={text} is invalid; expected"
-             " comma-separated positive integers")
-  try:
-    values = [int(value) for value in FLAGS.test_reflections]
-  except ValueError:
-    common.fail(message)
-  if not values or min(values) < 1:
-    common.fail(message)
-  return tuple(sorted(set(values)))
-
-
 def _check_flags() -> Settings:
   """Reject bad flag values with a one-line error, then parse the lists."""
   # This binary's own flags come first: they need no JAX backend, so an
@@ -163,7 +150,8 @@ def _check_flags() -> Settings:
     common.fail(f"--pgd_restarts={FLAGS.pgd_restarts} is invalid with"
                 " --nopgd_random_start: every restart would repeat the same"
                 " attack. Use --pgd_restarts=1 or --pgd_random_start.")
-  settings = Settings(_parse_eps_list(), _parse_reflections())
+  settings = Settings(_parse_eps_list(),
+                      common.parse_int_list("test_reflections"))
   common.check_common_flags()
   return settings
 
