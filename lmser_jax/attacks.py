@@ -202,7 +202,8 @@ def pgd(logits_fn: LogitsFn,
 
 def make_attack_step(apply_fn: Callable[..., jax.Array],
                      attack: AttackFn,
-                     mesh: Mesh):
+                     mesh: Mesh,
+                     eval_fn: Callable[..., jax.Array] | None = None):
   """Compile `step(params, batch, eps, seed, batch_index) -> sums`.
 
   The step attacks one batch with `attack` and counts the examples that
@@ -215,6 +216,10 @@ def make_attack_step(apply_fn: Callable[..., jax.Array],
     attack: `attack(logits_fn, x, labels, eps, key) -> x_adv`, such as
       `fgsm` or `functools.partial(pgd, steps=...)`.
     mesh: devices to split each batch over; parameters are replicated.
+    eval_fn: `eval_fn(params, x) -> logits` that classifies the adversarial
+      images, when it differs from the attacked `apply_fn` (a transfer
+      attack, e.g. crafted through one reflection and judged through
+      three). Default: `apply_fn`.
 
   Returns:
     A jitted function of `params`, a batch dict (`image` uint8
@@ -233,7 +238,8 @@ def make_attack_step(apply_fn: Callable[..., jax.Array],
     key = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
     logits_fn = functools.partial(apply_fn, params)
     x_adv = attack(logits_fn, x, labels, eps, key)
-    correct = jnp.argmax(logits_fn(x_adv), axis=-1) == labels
+    judge = logits_fn if eval_fn is None else functools.partial(eval_fn, params)
+    correct = jnp.argmax(judge(x_adv), axis=-1) == labels
     unchanged = jnp.all((x_adv == x).reshape(x.shape[0], -1), axis=-1)
     return {
         "count": jnp.sum(weight),

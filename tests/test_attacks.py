@@ -240,3 +240,31 @@ def test_trained_model_accuracy_ordering(trained_mnist_model):
 
 def _logits_of(params, x, *, config):
   return model.perceive(params, config, x, reflections=2).logits
+
+
+def test_transfer_step_judges_with_eval_fn():
+  weights, bias = _linear_model()
+  other = _linear_model(seed=5)
+  x, labels = _inputs(batch=8)
+  images = np.round(np.asarray(x) * 255).astype(np.uint8)
+  labels = np.asarray(labels, np.int32)
+  mesh = parallel.create_mesh()
+  apply_fn = lambda p, x: _linear_logits(*p, x)
+  other_fn = lambda p, x: _linear_logits(*other, x)
+  plain = attacks.make_attack_step(apply_fn, attacks.fgsm, mesh)
+  same = attacks.make_attack_step(apply_fn, attacks.fgsm, mesh,
+                                  eval_fn=apply_fn)
+  transfer = attacks.make_attack_step(apply_fn, attacks.fgsm, mesh,
+                                      eval_fn=other_fn)
+  run = functools.partial(attacks.accuracy_under_attack,
+                          params=(weights, bias), images=images,
+                          labels=labels, eps=0.2, seed=0, mesh=mesh,
+                          batch_size=8)
+  assert run(plain) == run(same)
+  # The images are crafted against `apply_fn` but judged by the other
+  # model: equal to that model's accuracy on the same images.
+  x_adv = attacks.fgsm(functools.partial(_linear_logits, weights, bias),
+                       jnp.asarray(images, jnp.float32) / 255, labels, 0.2,
+                       jax.random.PRNGKey(0))
+  expected = np.mean(np.argmax(other_fn(None, x_adv), axis=-1) == labels)
+  assert run(transfer)["accuracy"] == pytest.approx(expected)
