@@ -1,11 +1,12 @@
 r"""Memory of the compiled training step as reflections grow, with and without remat.
 
 For every model and batch size, compiles `training.make_train_step` with 1
-reflection and with `--reflections` (8 by default), with and without
-`remat` (each reflection recomputed in the backward pass instead of
-stored), and prints XLA's memory analysis of each compiled step (arguments,
-outputs and temporaries, less the donated buffers that outputs reuse) with
-the ratios to the 1-reflection step, all measured in one run. Nothing is
+reflection and with `--reflections` (8 by default). The larger count is
+compiled with and without `remat`, which recomputes each reflection in the
+backward pass instead of storing it. The script prints XLA's memory
+analysis of each compiled step (arguments, outputs and temporaries, less
+the donated buffers that outputs reuse) and the ratios to the 1-reflection
+step, all measured in one run. Nothing is
 executed, so the numbers do not depend on the load of the machine.
 
 Usage:
@@ -68,13 +69,13 @@ def main(argv):
     for model in FLAGS.models:
       config = config_lib.make_config(arch, model)
       for batch_size in (int(b) for b in FLAGS.batch_sizes):
-        one = step_memory(config, batch_size, 1, False, mesh)
+        single = step_memory(config, batch_size, 1, False, mesh)
         many = step_memory(config, batch_size, k, False, mesh)
         many_remat = step_memory(config, batch_size, k, True, mesh)
-        mib = lambda b: f"{b / 2**20:.1f}"
-        print(f"| {arch} | {model} | {batch_size} | {mib(one)} | {mib(many)} |"
-              f" {mib(many_remat)} | {many / one:.2f}x |"
-              f" {many_remat / one:.2f}x |", flush=True)
+        mib = lambda size: f"{size / 2**20:.1f}"
+        print(f"| {arch} | {model} | {batch_size} | {mib(single)} |"
+              f" {mib(many)} | {mib(many_remat)} | {many / single:.2f}x |"
+              f" {many_remat / single:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 r"""Associative recall of faces on CelebA: AE, Lmser(un-n) and Lmser(un).
 
 Trains each model on aligned CelebA faces (the centre crop, resized to
-`--image_size`), then, on the held-out faces, hides part of each face (an
-eye band, a central square, a random block, the lower half) and measures how
-well the model recalls it: the error and PSNR on the hidden pixels after
-each of `--recall_reflections` reflections, beside a fill-with-the-training-
-mean baseline. Writes under `--workdir`/celeba_<size>:
+`--image_size`). Then it hides part of each held-out face (an eye band, a
+central square, a random block, the lower half) and measures how well the
+model recalls it: the error and PSNR on the hidden pixels after each of
+`--recall_reflections` reflections. A baseline fills the hidden pixels with
+the training mean. Writes under `--workdir`/celeba_<size>:
 
   results.json, results.md      every measurement and the table
   panel_<mask>.png              masked input, each model's recall, the truth

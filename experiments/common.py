@@ -221,7 +221,7 @@ def check_common_flags(data_description: str | None = None) -> None:
   """Start the multi-process runtime if asked, then reject bad flag values.
 
   Every rejection is a one-line error. See `setup_runtime` for the
-  multi-process checks. `data_description` says what `--data_dir` should
+  multi-process checks. `data_description` names what `--data_dir` should
   hold (default: the IDX files of `--dataset`).
   """
   setup_runtime()

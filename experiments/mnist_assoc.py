@@ -1,10 +1,10 @@
 r"""Associative recall of digits on MNIST / Fashion-MNIST: AE, Lmser(un-n), Lmser(un).
 
-Trains each model for the FC and CNN architectures, then hides part of
+Trains each model for the FC and CNN architectures. Then it hides part of
 every test image (the lower half, or a random block of half the height and
 width) and measures recall: the error and PSNR on the hidden pixels after
-each of `--recall_reflections` reflections, beside a fill-with-the-training-
-mean baseline. Writes under `--workdir`/`--dataset`:
+each of `--recall_reflections` reflections. A baseline fills the hidden
+pixels with the training mean. Writes under `--workdir`/`--dataset`:
 
   results.json, results.md      every measurement and the table
   panel_<mask>.png              masked input, each model's recall, the truth
@@ -60,6 +60,7 @@ def main(argv):
   common.require_positive(train_steps=FLAGS.train_steps,
                           panel_images=FLAGS.panel_images)
   reflections = common.parse_int_list("recall_reflections")
+
   out_dir = os.path.join(FLAGS.workdir, FLAGS.dataset)
   common.write_flags(out_dir)
   logging.info("Flags:\n%s", FLAGS.flags_into_string())
@@ -67,9 +68,11 @@ def main(argv):
   mesh = parallel.create_mesh()
   logging.info("Training on %d device(s): %s", mesh.devices.size,
                jax.devices()[0].platform)
+
   fill = train.images.mean(axis=0, dtype=np.float64).astype(np.float32) / 255
   if FLAGS.fill == "zero":
     fill = fill * 0
+
   models = []
   for arch in FLAGS.archs:
     for model in FLAGS.models:

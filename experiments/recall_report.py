@@ -79,12 +79,14 @@ def _measure(run_dir: str, config, params, setup: Setup, mesh) -> dict:
     stored = common.read_json(path)
     if stored.get("key") == key:
       return stored
+
   started = time.perf_counter()
   labels = np.zeros(len(setup.test_images), np.int32)
   recon = evaluation.evaluate(
       params, config, np.asarray(setup.test_images), labels, mesh=mesh,
       batch_size=setup.eval_batch_size)
   params = jax.device_get(params)
+
   largest = max(setup.reflections)
   by_mask = {}
   for name in setup.mask_names:

@@ -204,7 +204,7 @@ FACE_CHANNELS = (16, 32, 64, 128, 256, 256, 256)
 
 
 def face_layers(image_size: int = 128, code_dim: int = 256):
-  """The paper's CelebA stack, scaled to `image_size`, then a dense code layer.
+  """Build the paper's CelebA stack for `image_size`, then a dense code layer.
 
   3x3 kernels with padding 1 and channels 16-32-64-128-256-256-256 with
   strides 1-2-2-2-2-2-2 at 128x128 (128 -> 128 -> 64 -> ... -> 2), the

@@ -1,9 +1,9 @@
 """Occlusion masks for associative recall: which pixels the network observes.
 
 A mask is float32 `(B, H, W, 1)` with 1 on observed pixels and 0 on hidden
-ones; it broadcasts over colour channels. Fixed masks are the same for every
-image; a random block is drawn per image from a numpy generator, so a given
-seed always hides the same blocks.
+ones, and it broadcasts over colour channels. Fixed masks are the same for
+every image. A random block is drawn per image from a numpy generator, so a
+given seed always hides the same blocks.
 
 Face masks assume the aligned CelebA centre crop (`lmser_jax.data.celeba`),
 where the eyes lie on rows 24 to 40 of 64 at every image size.

@@ -1,6 +1,6 @@
 """Associative recall: complete partly hidden images and measure the completion.
 
-The observed pixels stay clamped to the image; the hidden ones start at a
+The observed pixels stay clamped to the image. The hidden ones start at a
 fill value (zero or the training mean) and are replaced by the
 reconstruction after every reflection (`model.perceive(..., observed=)`).
 The error is measured on the hidden pixels only.
@@ -70,7 +70,7 @@ def batch_masks(mask_fn: MaskFn, start: int, batch: int, height: int,
   """Masks for rows `[start, start + batch)` of a test set, the same for any model.
 
   Random masks are drawn from a generator keyed by `(seed, start)`, so they
-  depend only on the rows, not on which model or batch order asks for them.
+  depend only on the rows, not on which model or batch order requests them.
   """
   return mask_fn(batch, height, width, np.random.default_rng([seed, start]))
 
@@ -97,7 +97,8 @@ def evaluate_recall(params, config: config_lib.ModelConfig,
     `{"mse": [K floats], "psnr": [K floats], "fill_mse": float,
     "fill_psnr": float, "hidden_fraction": float}`. `mse[k - 1]` is the mean
     squared error over every hidden pixel value of every image after `k`
-    reflections; `fill_*` is the same for the fill value alone (no model).
+    reflections. `fill_*` is the same measure for the fill value alone
+    (no model).
   """
   _, height, width, _ = images.shape
   sums = np.zeros(reflections)

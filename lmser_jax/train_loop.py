@@ -283,7 +283,7 @@ def train(config: config_lib.ModelConfig,
 
 
 def _train_locked(config, options, images, labels, workdir, mesh):
-  """The body of `train`, run while holding the run directory's lock."""
+  """Run the body of `train` while the run directory's lock is held."""
 
   state = initial_state(config, options, mesh)
   checkpointer = checkpointing.Checkpointer(

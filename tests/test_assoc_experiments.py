@@ -83,7 +83,8 @@ def test_bad_celeba_flags_fail_in_one_line(flag, expected, tmp_path):
                 f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}", flag)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
-  assert lines[-1].startswith("error: ") and expected in lines[-1], lines[-3:]
+  assert lines[-1].startswith("error: "), lines[-3:]
+  assert expected in lines[-1], lines[-3:]
   assert "Traceback" not in result.stderr
 
 
@@ -93,7 +94,8 @@ def test_celeba_folder_without_images_fails_in_one_line(tmp_path):
                 f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}")
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and "has no .jpg images" in last
+  assert last.startswith("error: ")
+  assert "has no .jpg images" in last
   assert "Traceback" not in result.stderr
 
 

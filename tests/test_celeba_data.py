@@ -10,7 +10,7 @@ from lmser_jax.data import DataError
 
 def test_crop_box_scales_with_the_image():
   assert celeba.crop_box(178, 218) == (25, 45, 153, 173)
-  # The box that ../shared/datasets/README.md gives for the half-size copy.
+  # The 64x64 face box of the 89x109 half-size copy.
   assert celeba.crop_box(89, 109) == (12, 22, 76, 86)
   left, top, right, bottom = celeba.crop_box(356, 436)
   assert (right - left, bottom - top) == (256, 256)
@@ -23,7 +23,7 @@ def _crop_at(path, box, size):
                       np.float64)
 
 
-def test_full_and_half_size_crops_land_on_the_same_face(celeba_full_dir,
+def test_crops_match_across_sizes(celeba_full_dir,
                                                         celeba_half_dir):
   for name in ("000001.jpg", "000017.jpg", "000032.jpg"):
     full = celeba.load_face(str(celeba_full_dir / name), 64).astype(np.float64)
@@ -60,7 +60,7 @@ def test_cache_round_trips_exactly(celeba_half_dir, tmp_path, monkeypatch):
   assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-def test_cache_is_not_reused_for_another_range_or_size(celeba_half_dir,
+def test_cache_keyed_by_range_and_size(celeba_half_dir,
                                                        tmp_path):
   a = celeba.load_folder_split(str(celeba_half_dir), (1, 8), 32, str(tmp_path))
   b = celeba.load_folder_split(str(celeba_half_dir), (2, 9), 32, str(tmp_path))

@@ -17,18 +17,19 @@ from lmser_jax import recall
     ("random_block", 1 / 4)])
 def test_masks_hide_the_expected_share(name, hidden):
   mask = masks.make_mask(name, 3, 64, 64, np.random.default_rng(0))
-  assert mask.shape == (3, 64, 64, 1) and mask.dtype == np.float32
+  assert mask.shape == (3, 64, 64, 1)
+  assert mask.dtype == np.float32
   assert set(np.unique(mask)) == {0.0, 1.0}
   np.testing.assert_allclose(1 - mask.mean(axis=(1, 2, 3)), hidden)
 
 
-def test_eye_band_covers_rows_24_to_40_of_a_64_face():
+def test_eye_band_rows():
   mask = masks.eye_band(1, 64, 64)[0, :, 0, 0]
   assert np.flatnonzero(mask == 0).tolist() == list(range(24, 40))
   assert np.flatnonzero(masks.eye_band(1, 128, 128)[0, :, 0, 0] == 0)[0] == 48
 
 
-def test_random_blocks_differ_per_image_and_repeat_per_seed():
+def test_random_block_per_image_and_seed():
   a = masks.random_block(8, 28, 28, np.random.default_rng(1))
   b = masks.random_block(8, 28, 28, np.random.default_rng(1))
   np.testing.assert_array_equal(a, b)
@@ -106,7 +107,7 @@ def test_evaluate_recall_counts_only_hidden_pixels():
         -10 * np.log10(result["mse"][k]))
 
 
-def test_random_masks_do_not_depend_on_the_batch_size():
+def test_random_masks_follow_seed():
   config, params = _model("ae")
   images = np.random.default_rng(0).integers(
       0, 256, (6, 28, 28, 1)).astype(np.uint8)

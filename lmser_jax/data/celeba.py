@@ -12,8 +12,8 @@ Each image is cropped to the usual 128x128 centre box of the full-size
 image, scaled with the image (at half size the box is `(12, 22, 76, 86)`, a
 64x64 face with the eyes on rows 24 to 40), and resized to `image_size`.
 The faces are decoded once into an `.npy` cache of uint8 `(N, S, S, 3)`,
-written atomically, and later opened as a memory map, so that training
-reads only the rows of each batch and never holds the set as floats.
+written atomically, and later opened as a memory map. Training then reads
+only the rows of each batch and never keeps the whole set as floats.
 """
 
 import concurrent.futures
@@ -32,8 +32,8 @@ from lmser_jax.data.idx import DataError
 # side of the centre crop in those pixels.
 FULL_SIZE = (178, 218)
 FULL_CROP = (25, 45, 128)
-# The first 10,000 aligned faces, all from the official training partition:
-# the last 1,000 are held out (see ../shared/datasets/README.md).
+# The first 10,000 aligned faces are all in CelebA's official training
+# partition, so the last 1,000 of them serve as the held-out test set.
 DEFAULT_TRAIN_IDS = (1, 9000)
 DEFAULT_TEST_IDS = (9001, 10000)
 # Smallest crop side that still shows a face.
@@ -79,7 +79,7 @@ def parse_id_range(text: str) -> tuple[int, int]:
 
 def crop_box(width: int, height: int,
              source: str = "image") -> tuple[int, int, int, int]:
-  """The centre crop `(left, top, right, bottom)` in an image of this size.
+  """Return the centre crop `(left, top, right, bottom)` for an image size.
 
   The full-size box `(25, 45, 153, 173)` scaled by `width / 178`, rounded
   down: `(12, 22, 76, 86)` for the 89x109 half-size images.
@@ -221,9 +221,9 @@ def load_folder_split(data_dir: str, ids: tuple[int, int], image_size: int,
     data_dir: folder in the `img_align_celeba` layout.
     ids: `(first, last)` CelebA ids, 1-based, inclusive.
     image_size: side `S` of the square output.
-    cache_dir: folder for the cache; a cache made from another folder, id
-      range, size or crop, or before a file of the range changed (size or
-      modification time), is never reused.
+    cache_dir: folder for the cache. A cache made from another folder, id
+      range, size or crop is not reused. Neither is one made before a file
+      of the range changed its size or modification time.
 
   Returns:
     `Faces` with images uint8 `(last - first + 1, S, S, 3)`, memory-mapped.
