@@ -44,6 +44,16 @@ flags.DEFINE_float("adam_eps", 1e-8, "Adam's epsilon.")
 flags.DEFINE_integer("reflections", 1, "Reflections per perception in training.")
 flags.DEFINE_float("label_weight", 1.0,
                    "Weight of the cross-entropy term of supervised models.")
+flags.DEFINE_integer(
+    "max_shift", 0,
+    "Data augmentation: translate each training image by a random offset of"
+    " up to this many pixels per direction, a new draw every step (0: off,"
+    " the paper's protocol).")
+flags.DEFINE_integer(
+    "steps_per_call", 1,
+    "Training steps per compiled call (one lax.scan), which saves the host's"
+    " dispatch cost per step; calls still stop at every logging and"
+    " checkpoint step.")
 flags.DEFINE_bool("remat", False,
                   "Recompute reflections in the backward pass to save memory.")
 flags.DEFINE_enum("activation", "relu", ["relu", "sigmoid"],
@@ -231,6 +241,7 @@ def check_common_flags(data_description: str | None = None) -> None:
       batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
       learning_rate=FLAGS.learning_rate, decay_rate=FLAGS.decay_rate,
       reflections=FLAGS.reflections, log_every_steps=FLAGS.log_every_steps,
+      steps_per_call=FLAGS.steps_per_call,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps)
   require_positive(adam_eps=FLAGS.adam_eps)
   for name in ("learning_rate", "decay_rate", "adam_b1", "adam_b2",
@@ -249,6 +260,9 @@ def check_common_flags(data_description: str | None = None) -> None:
     fail(f"--label_weight={FLAGS.label_weight} is invalid; expected >= 0")
   if FLAGS.seed < 0:
     fail(f"--seed={FLAGS.seed} is invalid; expected an integer >= 0")
+  if not 0 <= FLAGS.max_shift < 8:
+    fail(f"--max_shift={FLAGS.max_shift} is invalid; expected an integer"
+         " from 0 to 7 (pixels)")
   check_workdir()
   if FLAGS.eval_examples < 0:
     fail(f"--eval_examples={FLAGS.eval_examples} is invalid; expected >= 0")
@@ -349,6 +363,8 @@ def train_options(num_train_steps: int, keep_steps=()) -> train_loop.TrainOption
       reflections=FLAGS.reflections,
       label_weight=FLAGS.label_weight,
       remat=FLAGS.remat,
+      max_shift=FLAGS.max_shift,
+      steps_per_call=FLAGS.steps_per_call,
       log_every_steps=FLAGS.log_every_steps,
       checkpoint_every_steps=FLAGS.checkpoint_every_steps,
       keep_steps=tuple(keep_steps))

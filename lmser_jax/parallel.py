@@ -70,6 +70,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Keep the leading (step) axis whole and split the batch axis after it."""
+  return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, flag: str = "batch_size"):
   """Raise ValueError unless `batch_size` splits evenly over the devices."""
   num_devices = mesh.devices.size
@@ -92,3 +97,18 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     The same keys as `jax.Array`s `(B, ...)` split along the batch axis.
   """
   return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)
+
+
+def put_stacked_batches(batches: dict, mesh: Mesh) -> dict:
+  """Like `put_batch` for batches stacked along a leading step axis.
+
+  Args:
+    batches: dict of numpy arrays `(S, B / P, ...)`: this process's rows of
+      `S` global batches.
+    mesh: the devices of all processes.
+
+  Returns:
+    The same keys as `jax.Array`s `(S, B, ...)` split along axis 1.
+  """
+  return jax.make_array_from_process_local_data(stacked_batch_sharding(mesh),
+                                                batches)

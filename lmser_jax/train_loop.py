@@ -92,6 +92,14 @@ class TrainOptions:
     recon_weight: weight of the reconstruction term; 0 trains the
       bottom-up path as a plain classifier.
     remat: recompute reflections in the backward pass to save memory.
+    steps_per_call: training steps per compiled call
+      (`training.make_multi_train_step`), so that the host dispatches one
+      program for several steps. Calls are cut short at logging and
+      checkpoint steps, so the results equal those of one step per call up
+      to float rounding.
+    max_shift: data augmentation, the largest random translation of a
+      training image in pixels (`batches.shift_images`); 0, the paper's
+      protocol, trains on the images as they are.
     log_every_steps: steps between progress lines and metric records.
     checkpoint_every_steps: steps between rolling checkpoints.
     keep_steps: steps whose checkpoints are always written and never
@@ -109,6 +117,8 @@ class TrainOptions:
   label_weight: float = 1.0
   recon_weight: float = 1.0
   remat: bool = False
+  steps_per_call: int = 1
+  max_shift: int = 0
   log_every_steps: int = 500
   checkpoint_every_steps: int = 2000
   keep_steps: tuple[int, ...] = ()
@@ -119,6 +129,7 @@ class TrainOptions:
                     learning_rate=self.learning_rate,
                     decay_rate=self.decay_rate, eps=self.eps,
                     reflections=self.reflections,
+                    steps_per_call=self.steps_per_call,
                     log_every_steps=self.log_every_steps,
                     checkpoint_every_steps=self.checkpoint_every_steps)
     for name, value in positive.items():
@@ -127,6 +138,8 @@ class TrainOptions:
                          " finite number")
     if self.seed < 0:
       raise ValueError(f"seed={self.seed} is invalid; expected >= 0")
+    if self.max_shift < 0:
+      raise ValueError(f"max_shift={self.max_shift} is invalid; expected >= 0")
     if self.label_weight < 0 or self.recon_weight < 0:
       raise ValueError("label_weight and recon_weight must be >= 0, got"
                        f" {self.label_weight} and {self.recon_weight}")
@@ -134,15 +147,20 @@ class TrainOptions:
   def training_settings(self) -> dict:
     """Return the fields that change the trained parameters.
 
-    The schedule of logs and checkpoints, `remat` and the length of training
-    are left out: they change no parameter of a given step.
+    The schedule of logs and checkpoints, `remat`, `steps_per_call` and the
+    length of training are left out: they change no parameter of a given step. `max_shift`
+    appears only when it is set, so that runs recorded before it existed
+    still resume.
     """
-    return {
+    settings = {
         name: getattr(self, name)
         for name in ("batch_size", "seed", "learning_rate", "decay_rate", "b1",
                      "b2", "eps", "reflections", "label_weight",
                      "recon_weight")
     }
+    if self.max_shift:
+      settings["max_shift"] = self.max_shift
+    return settings
 
 
 def _format_seconds(seconds: float) -> str:
@@ -160,6 +178,50 @@ def _check_finite(window: list[tuple[int, dict]]) -> None:
       raise NonFiniteLossError(
           f"training loss is {loss} at step {step}; stopped without saving"
           " this state. Lower --learning_rate or check the input data.")
+
+
+def _call_sizes(start: int, options: TrainOptions):
+  """Yield the step count of each compiled call from `start` on.
+
+  Each count is at most `steps_per_call`. A call ends at every step that logs, checkpoints or is kept, so those
+  steps see the same state as with one step per call.
+  """
+  step, total = start, options.num_train_steps
+  keep = sorted(options.keep_steps)
+  while step < total:
+    stops = [total,
+             (step // options.log_every_steps + 1) * options.log_every_steps,
+             (step // options.checkpoint_every_steps + 1) *
+             options.checkpoint_every_steps]
+    stops += [k for k in keep if k > step][:1]
+    size = min(options.steps_per_call, min(stops) - step)
+    yield size
+    step += size
+
+
+def _device_calls(host_batches, sizes, mesh):
+  """Yield `(size, batch)`: one placed batch, or `size` stacked ones."""
+  for size in sizes:
+    if size == 1:
+      yield size, parallel.put_batch(next(host_batches), mesh)
+      continue
+    group = [next(host_batches) for _ in range(size)]
+    stacked = {name: np.stack([batch[name] for batch in group])
+               for name in group[0]}
+    yield size, parallel.put_stacked_batches(stacked, mesh)
+
+
+def _per_step(window: list[tuple[int, int, dict]]) -> list[tuple[int, dict]]:
+  """Split the stacked metrics of multi-step calls into one entry per step."""
+  entries = []
+  for done, size, metrics in window:
+    if size == 1:
+      entries.append((done, metrics))
+      continue
+    for offset in range(size):
+      entries.append((done - size + 1 + offset,
+                      {name: value[offset] for name, value in metrics.items()}))
+  return entries
 
 
 def _check_settings(config: config_lib.ModelConfig, options: TrainOptions,
@@ -300,48 +362,55 @@ def _train_locked(config, options, images, labels, workdir, mesh):
     checkpointer.close()
     return state
 
-  train_step = training.make_train_step(
-      config, mesh, reflections=options.reflections,
-      label_weight=options.label_weight, remat=options.remat,
-      recon_weight=options.recon_weight)
+  step_args = dict(reflections=options.reflections,
+                   label_weight=options.label_weight, remat=options.remat,
+                   recon_weight=options.recon_weight)
+  train_step = training.make_train_step(config, mesh, **step_args)
+  multi_step = (training.make_multi_train_step(config, mesh, **step_args)
+                if options.steps_per_call > 1 else None)
   # Each process gathers only the rows that its own devices hold.
   process_index, process_count = parallel.process_layout(mesh)
   host_batches = batches_lib.train_batches(
       images, labels, batch_size=options.batch_size, seed=options.seed,
       start_step=start, process_index=process_index,
-      process_count=process_count)
-  device_batches = batches_lib.prefetch(
-      parallel.put_batch(batch, mesh) for batch in host_batches)
+      process_count=process_count, max_shift=options.max_shift)
+  device_calls = batches_lib.prefetch(
+      _device_calls(host_batches, _call_sizes(start, options), mesh))
   writer = metric_writer.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
   # Records after the restored step were written by the interrupted run and
   # are written again now.
   writer.drop_after(start)
   keep_steps = set(options.keep_steps)
 
-  window: list[tuple[int, dict]] = []
+  window: list[tuple[int, int, dict]] = []
   window_start_time = time.perf_counter()
   window_start_step = start
-  for step in range(start, total):
-    state, metrics = train_step(state, next(device_batches))
-    done = step + 1
-    window.append((done, metrics))
-    if step == start:
+  done = start
+  for size, batch in device_calls:
+    if size == 1:
+      state, metrics = train_step(state, batch)
+    else:
+      state, metrics = multi_step(state, batch)
+    first_call = done == start
+    done += size
+    window.append((done, size, metrics))
+    if first_call:
       jax.block_until_ready(metrics)
-      logging.info("Compiled and ran the first step in %.1f s.",
+      logging.info("Compiled and ran the first %d step(s) in %.1f s.", size,
                    time.perf_counter() - window_start_time)
       window_start_time, window_start_step = time.perf_counter(), done
 
     save = (done % options.checkpoint_every_steps == 0 or done in keep_steps or
             done == total)
     if done % options.log_every_steps == 0 or save:
-      window = jax.device_get(window)
-      _check_finite(window)
+      per_step = _per_step(jax.device_get(window))
+      _check_finite(per_step)
       elapsed = time.perf_counter() - window_start_time
       steps = done - window_start_step
       if steps > 0 and elapsed > 0:
         rate = steps / elapsed
-        means = {k: float(np.mean([m[k] for _, m in window]))
-                 for k in window[-1][1]}
+        means = {k: float(np.mean([m[k] for _, m in per_step]))
+                 for k in per_step[-1][1]}
         writer.write_scalars(done, dict(means, steps_per_second=rate))
         logging.info(
             "step %d/%d  loss %.4f  mse %.5f  %.0f images/s  %s left", done,

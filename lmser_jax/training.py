@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from lmser_jax import config as config_lib
 from lmser_jax import losses
@@ -289,10 +289,9 @@ def make_multi_train_step(config: config_lib.ModelConfig,
     return jax.lax.scan(step, state, batches)
 
   replicated = parallel.replicated(mesh)
-  stacked = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
   return jax.jit(
       train_steps,
-      in_shardings=(replicated, stacked),
+      in_shardings=(replicated, parallel.stacked_batch_sharding(mesh)),
       out_shardings=(replicated, replicated),
       donate_argnums=(0,))
 

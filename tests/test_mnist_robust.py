@@ -62,6 +62,9 @@ def test_smoke_run_writes_every_result(mnist_dir, tmp_path):
     ("--attack_examples=-1", "--attack_examples"),
     ("--test_reflections=0", "--test_reflections"),
     ("--pgd_steps=0", "--pgd_steps"),
+    ("--max_shift=-1", "--max_shift"),
+    ("--max_shift=8", "--max_shift"),
+    ("--steps_per_call=0", "--steps_per_call"),
 ])
 def test_bad_flag_exits_with_one_line(flag, name, tmp_path):
   completed = _run(SMOKE_FLAGS, f"--workdir={tmp_path}", flag, timeout=300)

@@ -1,5 +1,6 @@
 """The training loop on real MNIST: learning, resuming, devices, recompiles."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -79,6 +80,65 @@ def test_resume_equals_uninterrupted(mnist_train, tmp_path):
   assert int(resumed.step) == 30
   for a, b in zip(_leaves(straight), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_call_sizes_stop_at_boundaries():
+  options = _options(num_train_steps=37, steps_per_call=8, log_every_steps=10,
+                     checkpoint_every_steps=15, keep_steps=(12,))
+  sizes = list(train_loop._call_sizes(3, options))  # pylint: disable=protected-access
+  ends = np.cumsum([3] + sizes)[1:].tolist()
+  assert ends == [10, 12, 15, 20, 28, 30, 37]
+  assert max(sizes) <= 8
+
+
+def test_multi_step_calls_equal_single(mnist_train, tmp_path):
+  """Multi-step calls give the same parameters, metrics and checkpoints."""
+  config = config_lib.make_config("cnn", "lmser_sup", layers=SMALL_CNN,
+                                  num_style=2)
+  images, labels = mnist_train.images[:2000], mnist_train.labels[:2000]
+  options = _options(num_train_steps=27, log_every_steps=10,
+                     checkpoint_every_steps=20, max_shift=2)
+  single = train_loop.train(config, options, images, labels,
+                            str(tmp_path / "single"))
+  # This run saves at step 12 and stops; the next call resumes from there.
+  train_loop.train(config, _options(num_train_steps=12, steps_per_call=4,
+                                    log_every_steps=10,
+                                    checkpoint_every_steps=20, max_shift=2),
+                   images, labels, str(tmp_path / "multi"))
+  multi = train_loop.train(
+      config, dataclasses.replace(options, steps_per_call=4), images, labels,
+      str(tmp_path / "multi"))
+  assert int(multi.step) == 27
+  for a, b in zip(_leaves(single), _leaves(multi)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+  def records(name):
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+  single_records = {r["step"]: r for r in records("single")}
+  multi_records = {r["step"]: r for r in records("multi")}
+  # The stop at step 12 adds a record. Those of 10 and 27 average the same
+  # steps in both runs.
+  assert sorted(multi_records) == [10, 12, 20, 27]
+  assert sorted(single_records) == [10, 20, 27]
+  for step in (10, 27):
+    np.testing.assert_allclose(multi_records[step]["loss"],
+                               single_records[step]["loss"], rtol=1e-4)
+
+
+def test_multi_step_nonfinite_names_step(mnist_train, tmp_path):
+  config = config_lib.make_config("fc", "lmser_un")
+  options = _options(num_train_steps=40, learning_rate=1e30, decay_rate=1.0)
+  with pytest.raises(train_loop.NonFiniteLossError,
+                     match=r"at step \d+") as single:
+    train_loop.train(config, options, mnist_train.images[:2000],
+                     mnist_train.labels[:2000], str(tmp_path / "single"))
+  with pytest.raises(train_loop.NonFiniteLossError) as multi:
+    train_loop.train(config, dataclasses.replace(options, steps_per_call=7),
+                     mnist_train.images[:2000], mnist_train.labels[:2000],
+                     str(tmp_path / "multi"))
+  assert str(multi.value) == str(single.value)
 
 
 _KILLABLE_RUN = textwrap.dedent("""

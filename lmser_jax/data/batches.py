@@ -57,9 +57,43 @@ def batch_indices(seed: int, step: int, num_examples: int,
   return np.sort(order[position * batch_size:(position + 1) * batch_size])
 
 
+def random_shifts(seed: int, step: int, batch_size: int,
+                  max_shift: int) -> np.ndarray:
+  """Draw offsets `(batch_size, 2)` int, rows and columns, in `[-max_shift, max_shift]`.
+
+  The draw is a pure function of `(seed, step)`, drawn for the whole global batch, so
+  that a resumed run and every process of a multi-process run agree.
+  """
+  rng = np.random.default_rng([seed, step, 1])
+  return rng.integers(-max_shift, max_shift + 1, (batch_size, 2))
+
+
+def shift_images(images: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+  """Translate each image by its offset, filling the uncovered pixels with 0.
+
+  Args:
+    images: `(B, H, W, C)`, any dtype.
+    offsets: `(B, 2)` int, the shift of each image down and right in
+      pixels (negative: up and left), each at most `H - 1` and `W - 1`.
+
+  Returns:
+    `(B, H, W, C)` of the same dtype: `out[b, i, j] = images[b, i - dy,
+    j - dx]` where that pixel exists, else 0.
+  """
+  _, height, width, _ = images.shape
+  limit = int(np.abs(offsets).max()) if len(offsets) else 0
+  padded = np.pad(images, ((0, 0), (limit, limit), (limit, limit), (0, 0)))
+  out = np.empty_like(images)
+  for index, (down, right) in enumerate(offsets):
+    top, left = limit - down, limit - right
+    out[index] = padded[index, top:top + height, left:left + width]
+  return out
+
+
 def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+                  process_count: int = 1,
+                  max_shift: int = 0) -> Iterator[dict]:
   """Yield this process's rows of the training batches from `start_step` on.
 
   The batches never end. Row `r` of a global batch is example
@@ -73,6 +107,10 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
     start_step: the step of the first batch (for resuming).
     process_index: this process's block of rows, in `[0, process_count)`.
     process_count: the number of processes that share each batch.
+    max_shift: with a positive value, each image is translated by a random
+      offset of up to this many pixels in each direction (`random_shifts`,
+      `shift_images`), a fresh draw at every step; 0 leaves images as they
+      are.
 
   Yields:
     dicts with `image` `(local, H, W, C)` uint8 and `label` `(local,)`
@@ -89,7 +127,12 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
     for index in range(position, per_epoch):
       chosen = np.sort(order[index * batch_size:(index + 1) * batch_size])
       chosen = chosen[rows]
-      yield {"image": images[chosen], "label": labels[chosen]}
+      image = images[chosen]
+      if max_shift:
+        step = epoch * per_epoch + index
+        offsets = random_shifts(seed, step, batch_size, max_shift)[rows]
+        image = shift_images(image, offsets)
+      yield {"image": image, "label": labels[chosen]}
     epoch, position = epoch + 1, 0
 
 
