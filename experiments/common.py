@@ -52,8 +52,8 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "steps_per_call", 1,
     "Training steps per compiled call (one lax.scan), which saves the host's"
-    " dispatch cost per step; calls still stop at every logging and"
-    " checkpoint step.")
+    " dispatch cost per step. Calls stop at every logging and checkpoint"
+    " step, so make those intervals multiples of this value.")
 flags.DEFINE_bool("remat", False,
                   "Recompute reflections in the backward pass to save memory.")
 flags.DEFINE_enum("activation", "relu", ["relu", "sigmoid"],

@@ -10,6 +10,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -124,16 +125,20 @@ class TrainOptions:
   keep_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
-    positive = dict(num_train_steps=self.num_train_steps,
-                    batch_size=self.batch_size,
-                    learning_rate=self.learning_rate,
-                    decay_rate=self.decay_rate, eps=self.eps,
-                    reflections=self.reflections,
-                    steps_per_call=self.steps_per_call,
-                    log_every_steps=self.log_every_steps,
-                    checkpoint_every_steps=self.checkpoint_every_steps)
+    counts = dict(num_train_steps=self.num_train_steps,
+                  batch_size=self.batch_size, reflections=self.reflections,
+                  steps_per_call=self.steps_per_call,
+                  log_every_steps=self.log_every_steps,
+                  checkpoint_every_steps=self.checkpoint_every_steps,
+                  seed=self.seed, max_shift=self.max_shift)
+    for name, value in counts.items():
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}={value!r} is invalid; expected an integer")
+    positive = dict(counts, learning_rate=self.learning_rate,
+                    decay_rate=self.decay_rate, eps=self.eps)
+    del positive["seed"], positive["max_shift"]
     for name, value in positive.items():
-      if not (np.isfinite(value) and value > 0):
+      if not (math.isfinite(float(value)) and value > 0):
         raise ValueError(f"{name}={value} is invalid; expected a positive"
                          " finite number")
     if self.seed < 0:
@@ -148,9 +153,9 @@ class TrainOptions:
     """Return the fields that change the trained parameters.
 
     The schedule of logs and checkpoints, `remat`, `steps_per_call` and the
-    length of training are left out: they change no parameter of a given step. `max_shift`
-    appears only when it is set, so that runs recorded before it existed
-    still resume.
+    length of training are left out, because they change no parameter of a
+    given step. `max_shift` appears only when it is set, so that runs
+    recorded before it existed still resume.
     """
     settings = {
         name: getattr(self, name)
@@ -159,7 +164,7 @@ class TrainOptions:
                      "recon_weight")
     }
     if self.max_shift:
-      settings["max_shift"] = self.max_shift
+      settings["max_shift"] = int(self.max_shift)
     return settings
 
 
@@ -180,11 +185,18 @@ def _check_finite(window: list[tuple[int, dict]]) -> None:
           " this state. Lower --learning_rate or check the input data.")
 
 
+# Settings recorded only when they differ from these values, so that runs
+# recorded before they existed compare equal.
+_OPTIONAL_SETTINGS = {"training": {"max_shift": 0}}
+
+
 def _call_sizes(start: int, options: TrainOptions):
   """Yield the step count of each compiled call from `start` on.
 
-  Each count is at most `steps_per_call`. A call ends at every step that logs, checkpoints or is kept, so those
-  steps see the same state as with one step per call.
+  Each count is `steps_per_call` or 1, so at most two programs compile. A
+  call ends at every step that logs, checkpoints or is kept, so those steps
+  see the same state as with one step per call, and the steps left before
+  such a step run one per call.
   """
   step, total = start, options.num_train_steps
   keep = sorted(options.keep_steps)
@@ -194,7 +206,10 @@ def _call_sizes(start: int, options: TrainOptions):
              (step // options.checkpoint_every_steps + 1) *
              options.checkpoint_every_steps]
     stops += [k for k in keep if k > step][:1]
-    size = min(options.steps_per_call, min(stops) - step)
+    if min(stops) - step >= options.steps_per_call:
+      size = options.steps_per_call
+    else:
+      size = 1
     yield size
     step += size
 
@@ -250,6 +265,10 @@ def _check_settings(config: config_lib.ModelConfig, options: TrainOptions,
           " use another --workdir or delete that folder to start afresh")
     # Runs recorded before data fingerprints existed are compared without.
     recorded["data"] = current["data"]
+    for group, defaults in _OPTIONAL_SETTINGS.items():
+      for name, default in defaults.items():
+        recorded.setdefault(group, {}).setdefault(name, default)
+        current[group].setdefault(name, default)
     differences = [
         f"{group}.{name}: {recorded[group].get(name)!r} recorded,"
         f" {current[group].get(name)!r} now"
@@ -328,6 +347,11 @@ def train(config: config_lib.ModelConfig,
   if tuple(images.shape[1:]) != tuple(config.input_shape):
     raise ValueError(f"images of shape {images.shape[1:]} do not match the"
                      f" model's input_shape {config.input_shape}")
+  if options.max_shift >= min(images.shape[1:3]):
+    raise ValueError(
+        f"max_shift={options.max_shift} is invalid for"
+        f" {images.shape[1]}x{images.shape[2]} images; expected fewer pixels"
+        " than the image's height and width")
   if config.supervised and len(labels) and not (
       0 <= labels.min() and labels.max() < config.num_classes):
     raise ValueError(f"labels span [{labels.min()}, {labels.max()}]; expected"
@@ -405,17 +429,23 @@ def _train_locked(config, options, images, labels, workdir, mesh):
     if done % options.log_every_steps == 0 or save:
       per_step = _per_step(jax.device_get(window))
       _check_finite(per_step)
+      means = {k: float(np.mean([m[k] for _, m in per_step]))
+               for k in per_step[-1][1]}
       elapsed = time.perf_counter() - window_start_time
       steps = done - window_start_step
       if steps > 0 and elapsed > 0:
         rate = steps / elapsed
-        means = {k: float(np.mean([m[k] for _, m in per_step]))
-                 for k in per_step[-1][1]}
         writer.write_scalars(done, dict(means, steps_per_second=rate))
         logging.info(
             "step %d/%d  loss %.4f  mse %.5f  %.0f images/s  %s left", done,
             total, means["loss"], means["mse"], rate * options.batch_size,
             _format_seconds((total - done) / rate))
+      else:
+        # Only the first call, whose time is mostly compilation, ran since
+        # the last record, so no throughput is recorded.
+        writer.write_scalars(done, means)
+        logging.info("step %d/%d  loss %.4f  mse %.5f", done, total,
+                     means["loss"], means["mse"])
       window = []
       window_start_time, window_start_step = time.perf_counter(), done
     if save:

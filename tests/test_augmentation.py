@@ -19,7 +19,8 @@ def test_shift_matches_pixel_formula():
   images = _images(5)
   offsets = np.array([[0, 0], [1, 0], [0, -2], [-1, 1], [2, 2]])
   shifted = batches.shift_images(images, offsets)
-  assert shifted.dtype == images.dtype and shifted.shape == images.shape
+  assert shifted.dtype == images.dtype
+  assert shifted.shape == images.shape
   size = images.shape[1]
   for b, (down, right) in enumerate(offsets):
     for i in range(size):
@@ -39,7 +40,8 @@ def test_zero_offsets_leave_images_unchanged():
 def test_offsets_are_bounded_and_depend_on_step():
   offsets = batches.random_shifts(seed=4, step=7, batch_size=500, max_shift=2)
   assert offsets.shape == (500, 2)
-  assert offsets.min() == -2 and offsets.max() == 2
+  assert offsets.min() == -2
+  assert offsets.max() == 2
   np.testing.assert_array_equal(
       offsets, batches.random_shifts(seed=4, step=7, batch_size=500,
                                      max_shift=2))
@@ -49,7 +51,7 @@ def test_offsets_are_bounded_and_depend_on_step():
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_shifted_batches_resume_and_split_over_processes(process_count):
+def test_shifted_batches_resume_and_split(process_count):
   images = _images(40)
   labels = np.arange(40, dtype=np.int32)
   kwargs = dict(batch_size=8, seed=1, max_shift=2)
@@ -86,5 +88,19 @@ def test_max_shift_is_a_recorded_setting(tmp_path):
   train_loop.train(config, shifted, images, labels, str(tmp_path))
   recorded = json.loads((tmp_path / "train_settings.json").read_text())
   assert recorded["training"]["max_shift"] == 2
-  with pytest.raises(train_loop.SettingsMismatchError, match="max_shift"):
+  with pytest.raises(train_loop.SettingsMismatchError,
+                     match="max_shift: 2 recorded, 0 now"):
     train_loop.train(config, options, images, labels, str(tmp_path))
+
+
+def test_unset_max_shift_matches_zero(tmp_path):
+  config = config_lib.make_config("fc", "lmser_un")
+  images = _images(40, size=28)
+  labels = np.zeros(40, np.int32)
+  options = train_loop.TrainOptions(num_train_steps=2, batch_size=10)
+  train_loop.train(config, options, images, labels, str(tmp_path))
+  with pytest.raises(train_loop.SettingsMismatchError,
+                     match="max_shift: 0 recorded, 1 now"):
+    train_loop.train(config, train_loop.TrainOptions(
+        num_train_steps=2, batch_size=10, max_shift=1), images, labels,
+                     str(tmp_path))

@@ -87,8 +87,10 @@ def test_call_sizes_stop_at_boundaries():
                      checkpoint_every_steps=15, keep_steps=(12,))
   sizes = list(train_loop._call_sizes(3, options))  # pylint: disable=protected-access
   ends = np.cumsum([3] + sizes)[1:].tolist()
-  assert ends == [10, 12, 15, 20, 28, 30, 37]
-  assert max(sizes) <= 8
+  # Calls of 8 where they fit before the next stop, single steps elsewhere.
+  assert ends == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                  20, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37]
+  assert set(sizes) == {1, 8}
 
 
 def test_multi_step_calls_equal_single(mnist_train, tmp_path):
@@ -125,6 +127,47 @@ def test_multi_step_calls_equal_single(mnist_train, tmp_path):
   for step in (10, 27):
     np.testing.assert_allclose(multi_records[step]["loss"],
                                single_records[step]["loss"], rtol=1e-4)
+
+
+def test_first_call_on_logging_step_is_recorded(mnist_train, tmp_path):
+  config = config_lib.make_config("fc", "lmser_un")
+  images, labels = mnist_train.images[:2000], mnist_train.labels[:2000]
+  train_loop.train(config, _options(num_train_steps=20, steps_per_call=10),
+                   images, labels, str(tmp_path))
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(line)["step"] for line in lines]
+  assert steps == [10, 20]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("steps_per_call", 2.5),
+    ("steps_per_call", "4"),
+    ("steps_per_call", None),
+    ("max_shift", 1.5),
+    ("max_shift", True),
+    ("num_train_steps", 3.0),
+])
+def test_options_reject_non_integer_counts(field, value):
+  with pytest.raises(ValueError, match=f"{field}=.*expected an integer"):
+    _options(**{field: value})
+
+
+def test_options_accept_numpy_and_huge_integers(mnist_train, tmp_path):
+  options = _options(num_train_steps=4, steps_per_call=10**20,
+                     max_shift=np.int64(2), log_every_steps=2)
+  config = config_lib.make_config("fc", "lmser_un")
+  state = train_loop.train(config, options, mnist_train.images[:200],
+                           mnist_train.labels[:200], str(tmp_path))
+  assert int(state.step) == 4
+  recorded = json.loads((tmp_path / "train_settings.json").read_text())
+  assert recorded["training"]["max_shift"] == 2
+
+
+def test_max_shift_must_fit_image(mnist_train, tmp_path):
+  config = config_lib.make_config("fc", "lmser_un")
+  with pytest.raises(ValueError, match="max_shift=28 is invalid for 28x28"):
+    train_loop.train(config, _options(max_shift=28), mnist_train.images[:200],
+                     mnist_train.labels[:200], str(tmp_path))
 
 
 def test_multi_step_nonfinite_names_step(mnist_train, tmp_path):
