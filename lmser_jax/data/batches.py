@@ -59,10 +59,10 @@ def batch_indices(seed: int, step: int, num_examples: int,
 
 def random_shifts(seed: int, step: int, batch_size: int,
                   max_shift: int) -> np.ndarray:
-  """Draw offsets `(batch_size, 2)` int, rows and columns, in `[-max_shift, max_shift]`.
+  """Draw row and column offsets `(batch_size, 2)` int in `[-max_shift, max_shift]`.
 
-  The draw is a pure function of `(seed, step)`, drawn for the whole global batch, so
-  that a resumed run and every process of a multi-process run agree.
+  The draw is a pure function of `(seed, step)` and covers the whole global
+  batch, so a resumed run and every process of a multi-process run agree.
   """
   rng = np.random.default_rng([seed, step, 1])
   return rng.integers(-max_shift, max_shift + 1, (batch_size, 2))
