@@ -76,6 +76,11 @@ flags.DEFINE_bool(
     " through one reflection of the same model and judged through all of"
     " them: an attack that needs no gradient of the many-reflection"
     " perception, which tells robustness from gradient masking.")
+flags.DEFINE_bool(
+    "feed_reconstruction", False,
+    "At test time, feed the reconstruction to the input layer of Lmser(sup)"
+    " from the second reflection on, instead of keeping it clamped to the"
+    " (attacked) image. Training is unchanged.")
 flags.DEFINE_integer("pgd_steps", 40, "PGD steps per restart.")
 flags.DEFINE_float("pgd_step_size", 0.01,
                    "L-inf size of each PGD step, in pixel units of [0, 1].")
@@ -180,7 +185,16 @@ def _train_options(model: str) -> train_loop.TrainOptions:
 
 
 def _perceived_logits(params, x, *, config, reflections):
-  return model_lib.perceive(params, config, x, reflections=reflections).logits
+  return model_lib.perceive(
+      params, config, x, reflections=reflections,
+      feed_reconstruction=FLAGS.feed_reconstruction).logits
+
+
+def _with_reading(settings: dict) -> dict:
+  """Add the test-time reading to `settings` when it is not the default."""
+  if FLAGS.feed_reconstruction:
+    return dict(settings, feed_reconstruction=True)
+  return settings
 
 
 def _attack_fns() -> dict:
@@ -201,7 +215,7 @@ def _attack_settings(name: str, step: int, examples: int,
     settings.update(steps=FLAGS.pgd_steps, step_size=FLAGS.pgd_step_size,
                     restarts=FLAGS.pgd_restarts,
                     random_start=FLAGS.pgd_random_start)
-  return settings
+  return _with_reading(settings)
 
 
 def _attack_batch_size(examples: int, mesh) -> int:
@@ -251,12 +265,13 @@ def _measure(run_name, config, params, step, reflections, settings, test,
   only if it was taken at the same step with the same settings.
   """
   key = str(reflections)
-  clean_settings = {"train_step": step, "examples": len(test)}
+  clean_settings = _with_reading({"train_step": step, "examples": len(test)})
   clean = store.get((key, "clean"), clean_settings)
   if clean is None:
     metrics = evaluation.evaluate(params, config, test.images, test.labels,
                                   mesh=mesh, batch_size=FLAGS.eval_batch_size,
-                                  reflections=reflections)
+                                  reflections=reflections,
+                                  feed_reconstruction=FLAGS.feed_reconstruction)
     clean = {"accuracy": metrics["accuracy"], "count": metrics["count"],
              "settings": clean_settings}
     store.put((key, "clean"), clean)
@@ -473,6 +488,13 @@ def _pgd_above_fgsm_lines(results: dict) -> list[str]:
   return ["", text]
 
 
+def _input_sentence(results: dict) -> str:
+  if results.get("feed_reconstruction"):
+    return (" From the second reflection on, Lmser(sup) perceives its own"
+            " reconstruction instead of the (attacked) image.")
+  return ""
+
+
 def _markdown(results: dict) -> str:
   """Render `results` as the tables and lines of results.md."""
   eps = max(results["eps_list"])
@@ -489,7 +511,7 @@ def _markdown(results: dict) -> str:
       f" {pgd['steps']} steps of {pgd['step_size']:g} from {start},"
       f" restarts: {pgd['restarts']}. The input gradient runs through every"
       " test reflection. The feed-forward models have no top-down input, so"
-      " they use one reflection.", "",
+      " they use one reflection." + _input_sentence(results), "",
       f"## At eps = {_eps_key(eps)}", "",
   ]
 
@@ -590,6 +612,7 @@ def main(argv):
       "baseline_recon_weight": FLAGS.baseline_recon_weight,
       "eps_list": list(settings.eps_values),
       "test_reflections": list(settings.test_reflections),
+      "feed_reconstruction": FLAGS.feed_reconstruction,
       "test_examples": len(test),
       "attack_examples": len(attacked),
       "pgd": {"steps": FLAGS.pgd_steps, "step_size": FLAGS.pgd_step_size,

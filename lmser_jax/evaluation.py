@@ -13,13 +13,16 @@ from lmser_jax.data import batches as batches_lib
 
 
 @functools.lru_cache(maxsize=64)
-def _eval_step(config: config_lib.ModelConfig, mesh: Mesh, reflections: int):
-  return training.make_eval_step(config, mesh, reflections=reflections)
+def _eval_step(config: config_lib.ModelConfig, mesh: Mesh, reflections: int,
+               feed_reconstruction: bool):
+  return training.make_eval_step(config, mesh, reflections=reflections,
+                                 feed_reconstruction=feed_reconstruction)
 
 
 def evaluate(params, config: config_lib.ModelConfig, images: np.ndarray,
              labels: np.ndarray, *, mesh: Mesh, batch_size: int = 500,
-             reflections: int = 1) -> dict[str, float]:
+             reflections: int = 1,
+             feed_reconstruction: bool = False) -> dict[str, float]:
   """Mean metrics over every example of a split.
 
   Args:
@@ -32,6 +35,8 @@ def evaluate(params, config: config_lib.ModelConfig, images: np.ndarray,
       its rows of each batch.
     batch_size: a multiple of the device count; the last batch is padded.
     reflections: reflections per perception.
+    feed_reconstruction: feed the reconstruction to the input layer from the
+      second reflection on, instead of keeping it clamped to the image.
 
   Returns:
     `mse` (mean over images and pixels of `(x - x_hat)^2`), `recon_loss`
@@ -40,7 +45,7 @@ def evaluate(params, config: config_lib.ModelConfig, images: np.ndarray,
     examples.
   """
   parallel.check_batch_size(batch_size, mesh, flag="eval_batch_size")
-  step = _eval_step(config, mesh, reflections)
+  step = _eval_step(config, mesh, reflections, feed_reconstruction)
   params = jax.device_put(params, parallel.replicated(mesh))
   # Each process gathers only the rows that its own devices hold.
   process_index, process_count = parallel.process_layout(mesh)

@@ -299,19 +299,22 @@ def make_multi_train_step(config: config_lib.ModelConfig,
 def make_eval_step(config: config_lib.ModelConfig,
                    mesh: Mesh,
                    *,
-                   reflections: int = 1):
+                   reflections: int = 1,
+                   feed_reconstruction: bool = False):
   """Compile `step(params, batch) -> sums` over a weighted batch.
 
   `batch` contains `image`, `label` and `weight` (1 for real examples, 0 for
   padding). The returned sums (`count`, `mse`, `recon_loss` and, for a
   supervised model, `correct` and `cross_entropy`) add up over batches;
-  divide by `count` for means.
+  divide by `count` for means. `feed_reconstruction` is passed to
+  `model.perceive`.
   """
 
   def eval_step(params, batch: dict):
     x = images_to_float(batch["image"])
     weight = batch["weight"].astype(jnp.float32)
-    out = model.perceive(params, config, x, reflections=reflections)
+    out = model.perceive(params, config, x, reflections=reflections,
+                         feed_reconstruction=feed_reconstruction)
     sums = {
         "count": jnp.sum(weight),
         "mse": jnp.sum(weight * losses.squared_error_mean(x, out.x_hat)),

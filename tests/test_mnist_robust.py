@@ -73,3 +73,31 @@ def test_bad_flag_exits_with_one_line(flag, name, tmp_path):
   assert len(lines) == 1, completed.stderr
   assert lines[0].startswith("error: "), lines[0]
   assert name in lines[0]
+
+
+def test_feed_reconstruction_is_recorded(mnist_dir, tmp_path):
+  clamped = _run(SMOKE_FLAGS, f"--data_dir={mnist_dir}",
+                 f"--workdir={tmp_path}", "--archs=fc", "--transfer_attack")
+  assert clamped.returncode == 0, clamped.stderr[-3000:]
+  out_dir = tmp_path / "mnist"
+  before = json.loads((out_dir / "results.json").read_text())
+  assert before["feed_reconstruction"] is False
+
+  fed = _run(SMOKE_FLAGS, f"--data_dir={mnist_dir}", f"--workdir={tmp_path}",
+             "--archs=fc", "--feed_reconstruction")
+  assert fed.returncode == 0, fed.stderr[-3000:]
+  after = json.loads((out_dir / "results.json").read_text())
+  assert after["feed_reconstruction"] is True
+  stored = json.loads(
+      (out_dir / "fc_lmser_sup" / "robustness.json").read_text())
+  for reflections in SMOKE_REFLECTIONS:
+    assert stored[reflections]["clean"]["settings"]["feed_reconstruction"]
+    for eps in SMOKE_EPS:
+      assert stored[reflections]["pgd"][eps]["settings"]["feed_reconstruction"]
+  # One reflection never reads the reconstruction, so it is unchanged.
+  lmser_before = before["models"]["fc/lmser_sup"]["reflections"]
+  lmser_after = after["models"]["fc/lmser_sup"]["reflections"]
+  assert (lmser_after["1"]["clean"]["accuracy"] ==
+          lmser_before["1"]["clean"]["accuracy"])
+  markdown = (out_dir / "results.md").read_text()
+  assert "perceives its own reconstruction" in markdown

@@ -170,6 +170,22 @@ def test_max_shift_must_fit_image(mnist_train, tmp_path):
                      mnist_train.labels[:200], str(tmp_path))
 
 
+def test_eval_feed_reconstruction(mnist_train):
+  config = config_lib.make_config("fc", "lmser_sup")
+  params = training.create_train_state(
+      0, config, training.create_optimizer()).params
+  mesh = parallel.create_mesh()
+  images, labels = mnist_train.images[:500], mnist_train.labels[:500]
+
+  def mse(reflections, feed):
+    return evaluation.evaluate(params, config, images, labels, mesh=mesh,
+                               reflections=reflections,
+                               feed_reconstruction=feed)["mse"]
+
+  assert mse(1, True) == mse(1, False)
+  assert mse(2, True) != mse(2, False)
+
+
 def test_multi_step_nonfinite_names_step(mnist_train, tmp_path):
   config = config_lib.make_config("fc", "lmser_un")
   options = _options(num_train_steps=40, learning_rate=1e30, decay_rate=1.0)
