@@ -288,7 +288,7 @@ def test_eval_pads_last_batch_without_recompiling(mnist_train):
   assert padded["count"] == 250
   for key in ("mse", "recon_loss", "accuracy", "cross_entropy"):
     np.testing.assert_allclose(padded[key], whole[key], rtol=1e-5)
-  step = evaluation._eval_step(config, mesh, 1)  # pylint: disable=protected-access
+  step = evaluation._eval_step(config, mesh, 1, False)  # pylint: disable=protected-access
   compiled = step._cache_size()  # pylint: disable=protected-access
   # Another split size pads differently but reuses the batch-100 program.
   evaluation.evaluate(params, config, images[:130], labels[:130], mesh=mesh,
