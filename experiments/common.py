@@ -47,8 +47,7 @@ flags.DEFINE_float("label_weight", 1.0,
 flags.DEFINE_integer(
     "max_shift", 0,
     "Data augmentation: translate each training image by a random offset of"
-    " up to this many pixels per direction, a new draw every step (0: off,"
-    " the paper's protocol).")
+    " up to this many pixels per direction, a new draw every step (0: off).")
 flags.DEFINE_integer(
     "steps_per_call", 1,
     "Training steps per compiled call (one lax.scan), which saves the host's"

@@ -71,7 +71,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Keep the leading (step) axis whole and split the batch axis after it."""
+  """Return a sharding that keeps the leading (step) axis whole and splits axis 1."""
   return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
 
 
@@ -100,7 +100,7 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def put_stacked_batches(batches: dict, mesh: Mesh) -> dict:
-  """Like `put_batch` for batches stacked along a leading step axis.
+  """Assemble global batches stacked along a leading step axis, as `put_batch` does.
 
   Args:
     batches: dict of numpy arrays `(S, B / P, ...)`: this process's rows of

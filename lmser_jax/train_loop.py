@@ -98,9 +98,9 @@ class TrainOptions:
       program for several steps. Calls are cut short at logging and
       checkpoint steps, so the results equal those of one step per call up
       to float rounding.
-    max_shift: data augmentation, the largest random translation of a
-      training image in pixels (`batches.shift_images`); 0, the paper's
-      protocol, trains on the images as they are.
+    max_shift: the largest random translation of a training image in
+      pixels, for data augmentation (`batches.shift_images`). With 0 the
+      images are used as they are.
     log_every_steps: steps between progress lines and metric records.
     checkpoint_every_steps: steps between rolling checkpoints.
     keep_steps: steps whose checkpoints are always written and never
@@ -125,18 +125,17 @@ class TrainOptions:
   keep_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
-    counts = dict(num_train_steps=self.num_train_steps,
-                  batch_size=self.batch_size, reflections=self.reflections,
-                  steps_per_call=self.steps_per_call,
-                  log_every_steps=self.log_every_steps,
-                  checkpoint_every_steps=self.checkpoint_every_steps,
-                  seed=self.seed, max_shift=self.max_shift)
+    positive_counts = dict(
+        num_train_steps=self.num_train_steps, batch_size=self.batch_size,
+        reflections=self.reflections, steps_per_call=self.steps_per_call,
+        log_every_steps=self.log_every_steps,
+        checkpoint_every_steps=self.checkpoint_every_steps)
+    counts = dict(positive_counts, seed=self.seed, max_shift=self.max_shift)
     for name, value in counts.items():
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name}={value!r} is invalid; expected an integer")
-    positive = dict(counts, learning_rate=self.learning_rate,
+    positive = dict(positive_counts, learning_rate=self.learning_rate,
                     decay_rate=self.decay_rate, eps=self.eps)
-    del positive["seed"], positive["max_shift"]
     for name, value in positive.items():
       if not (math.isfinite(float(value)) and value > 0):
         raise ValueError(f"{name}={value} is invalid; expected a positive"
