@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from lmser_jax import compiler_options
 from lmser_jax import config as config_lib
 from lmser_jax import losses
 from lmser_jax import model
@@ -307,7 +308,8 @@ def make_eval_step(config: config_lib.ModelConfig,
   padding). The returned sums (`count`, `mse`, `recon_loss` and, for a
   supervised model, `correct` and `cross_entropy`) add up over batches;
   divide by `count` for means. `feed_reconstruction` is passed to
-  `model.perceive`.
+  `model.perceive`. On CPU the step is compiled with
+  `compiler_options.forward_options`.
   """
 
   def eval_step(params, batch: dict):
@@ -331,4 +333,5 @@ def make_eval_step(config: config_lib.ModelConfig,
   return jax.jit(
       eval_step,
       in_shardings=(replicated, parallel.batch_sharding(mesh)),
-      out_shardings=replicated)
+      out_shardings=replicated,
+      compiler_options=compiler_options.forward_options(mesh))
