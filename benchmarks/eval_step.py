@@ -58,7 +58,10 @@ def main(argv):
     raise app.UsageError(f"--data_dir={FLAGS.data_dir}: {error}") from None
 
   tuned_options = compiler_options.forward_options
-  variants = {"XLA defaults": lambda mesh: None, "forward options": tuned_options}
+  variants = {
+      "XLA defaults": lambda mesh: None,
+      "forward options": tuned_options,
+  }
   print(f"jax {jax.__version__}, {mesh.devices.size}"
         f" {jax.default_backend()} device(s); forward options:"
         f" {tuned_options(mesh)}; seconds to evaluate {len(split.labels):,}"

@@ -13,8 +13,8 @@ Layers are `0..L`; layer 0 is the input, layer `L` the code. One reflection:
 4. the reconstruction `x_hat = sigmoid(W_1^T h_1 + c_0)`.
 
 The first `k - 1` reflections run as one `lax.scan` and the last after it,
-so `k` costs one compilation. The scan carries the input layer (unless it is clamped) and what the next
-top-down inputs `u_l` need.
+so `k` costs one compilation. The scan carries the input layer (unless it
+is clamped) and what the next top-down inputs `u_l` need.
 """
 
 from typing import NamedTuple, Sequence
