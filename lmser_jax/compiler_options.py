@@ -5,9 +5,9 @@ product with the activations and reductions around it) into one YNNPACK
 fusion. The FC evaluation step ran 3-3.5x slower that way than with
 separate products, and the CNN one about 10-25% slower
 (benchmarks/README.md has the runs). Setting
-`xla_cpu_experimental_ynn_fusion_type` to no fusion kinds avoids that. Training steps are left at XLA's default: with ten steps per
-call the option made them equal or slower, by up to 13% for FC at batch
-50.
+`xla_cpu_experimental_ynn_fusion_type` to no fusion kinds avoids that.
+Training steps are left at XLA's default: with ten steps per call the
+option made them equal or slower, by up to 13% for FC at batch 50.
 """
 
 import functools
