@@ -325,10 +325,16 @@ def perceive(params: Params,
     top_down_inputs = []
     for i, value in enumerate(carried):
       if from_source[i]:
-        u = top_down_input(params, config, i, value)
-        # In the first reflection every `u_l` is zero; `where` keeps that
-        # exact in one scan body for all reflections.
-        value = jnp.where(started, u, jnp.zeros_like(u))
+        if isinstance(started, bool):
+          # Known outside the scan: skip the product (and its gradient)
+          # where it would only be multiplied away.
+          value = (top_down_input(params, config, i, value) if started else
+                   jnp.zeros((batch,) + config.layer_shapes[i + 1], x.dtype))
+        else:
+          # In the first reflection every `u_l` is zero; `where` keeps that
+          # exact in one scan body for all reflections.
+          u = top_down_input(params, config, i, value)
+          value = jnp.where(started, u, jnp.zeros_like(u))
       top_down_inputs.append(value)
     ys, zs, top = bottom_up_pass(params, config, x_in, top_down_inputs)
     code = code_from_top(config, top, style_noise=noise)
@@ -374,6 +380,9 @@ def perceive(params: Params,
   if reflections > 1:
     carry, head_states = lax.scan(inner, carry, noise_head,
                                   length=reflections - 1)
+  # Whether a reflection ran before the last is known here, so the last
+  # one gets a Python bool in place of the traced flag.
+  carry = carry[:2] + (reflections > 1,)
   _, (x_hat, code, top, last_states) = last_reflect(carry, noise_last)
   states = last_states
   if return_states:
