@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from jax import lax
 
+from benchmarks import fc_products
 from lmser_jax import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -41,33 +42,6 @@ flags.DEFINE_float("round_seconds", 0.3, "Seconds per timing round.")
 def _contract(lhs_dim: int, rhs_dim: int):
   return lambda a, b: lax.dot_general(a, b, (((lhs_dim,), (rhs_dim,)),
                                              ((), ())))
-
-
-def step_products(batch: int, widths: list[int]) -> list[tuple]:
-  """List the matrix products of a one-reflection FC training step.
-
-  Returns:
-    One `(name, lhs shape, rhs shape, lhs contracting dim, rhs contracting
-    dim)` per product, for layer widths `widths` (input first).
-  """
-  products = []
-  for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-    layer = f"layer {i + 1} ({n_in}->{n_out})"
-    products += [
-        (f"{layer} bottom-up", (batch, n_in), (n_in, n_out), 1, 0),
-        (f"{layer} top-down", (batch, n_out), (n_in, n_out), 1, 1),
-        (f"{layer} top-down input gradient", (batch, n_in), (n_in, n_out),
-         1, 0),
-        (f"{layer} bottom-up weight gradient", (batch, n_in), (batch, n_out),
-         0, 0),
-        (f"{layer} top-down weight gradient", (batch, n_in), (batch, n_out),
-         0, 0),
-    ]
-    if i > 0:
-      # The image needs no gradient, the hidden layers do.
-      products.append((f"{layer} bottom-up input gradient", (batch, n_out),
-                       (n_in, n_out), 1, 1))
-  return products
 
 
 def best_seconds(fn, *args) -> float:
@@ -111,8 +85,8 @@ def main(argv):
   print("| product | shapes | GFLOP/s | ms |")
   print("| --- | --- | ---: | ---: |")
   total_seconds = total_flops = 0.0
-  for name, lhs_shape, rhs_shape, lhs_dim, rhs_dim in step_products(
-      FLAGS.batch_size, widths):
+  products = fc_products.step_products(FLAGS.batch_size, widths)
+  for name, lhs_shape, rhs_shape, lhs_dim, rhs_dim in products:
     key, lhs_key, rhs_key = jax.random.split(key, 3)
     lhs = jax.random.normal(lhs_key, lhs_shape, jnp.float32)
     rhs = jax.random.normal(rhs_key, rhs_shape, jnp.float32)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import fc_bound
+from benchmarks import fc_products
 from lmser_jax import config as config_lib
 from lmser_jax import parallel
 from lmser_jax import train_loop
@@ -19,7 +19,7 @@ def test_fc_bound_products_cover_step_flops(model_name):
   batch = 100
   config = config_lib.make_config("fc", model_name)
   widths = [784] + [spec.features for spec in config.layers]
-  products = fc_bound.step_products(batch, widths)
+  products = fc_products.step_products(batch, widths)
   listed = sum(2.0 * np.prod(lhs) * np.prod(rhs) / lhs[lhs_dim]
                for _, lhs, rhs, lhs_dim, _ in products)
 
