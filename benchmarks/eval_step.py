@@ -44,6 +44,12 @@ def main(argv):
     raise app.UsageError(f"--model={FLAGS.model} is invalid; expected one of"
                          f" {', '.join(config_lib.MODELS)}")
 
+  if not FLAGS.archs:
+    raise app.UsageError("--archs is empty; expected fc, cnn or both")
+  for arch in FLAGS.archs:
+    if arch not in config_lib.ARCHITECTURES:
+      raise app.UsageError(f"--archs contains {arch!r}; expected values from"
+                           f" {', '.join(config_lib.ARCHITECTURES)}")
   if FLAGS.reflections < 1:
     raise app.UsageError(f"--reflections={FLAGS.reflections} is invalid;"
                          " expected >= 1")

@@ -19,6 +19,7 @@ Usage:
   python -m benchmarks.fc_bound --batch_size=50 --target=17400
 """
 
+import math
 import time
 
 import jax
@@ -64,10 +65,13 @@ def main(argv):
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size={FLAGS.batch_size} is invalid;"
                          " expected >= 1")
-  if FLAGS.rounds < 1 or FLAGS.round_seconds <= 0:
+  if not 0 < FLAGS.target < math.inf:
+    raise app.UsageError(f"--target={FLAGS.target} is invalid; expected a"
+                         " positive finite number of images per second")
+  if FLAGS.rounds < 1 or not 0 < FLAGS.round_seconds < math.inf:
     raise app.UsageError(
         f"--rounds={FLAGS.rounds} and --round_seconds={FLAGS.round_seconds}"
-        " are invalid; expected positive values")
+        " are invalid; expected positive finite values")
   if FLAGS.model not in config_lib.MODELS:
     raise app.UsageError(f"--model={FLAGS.model} is invalid; expected one of"
                          f" {', '.join(config_lib.MODELS)}")

@@ -57,6 +57,24 @@ def main(argv):
   if FLAGS.reflections < 2:
     raise app.UsageError(f"--reflections={FLAGS.reflections} is invalid;"
                          " expected at least 2")
+  for arch in FLAGS.archs:
+    if arch not in config_lib.ARCHITECTURES:
+      raise app.UsageError(f"--archs contains {arch!r}; expected values from"
+                           f" {', '.join(config_lib.ARCHITECTURES)}")
+  for model in FLAGS.models:
+    if model not in config_lib.MODELS:
+      raise app.UsageError(f"--models contains {model!r}; expected values"
+                           f" from {', '.join(config_lib.MODELS)}")
+  try:
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+  except ValueError:
+    batch_sizes = []
+  if not batch_sizes or min(batch_sizes) < 1:
+    raise app.UsageError(
+        f"--batch_sizes={','.join(FLAGS.batch_sizes)} is invalid; expected"
+        " comma-separated positive integers")
+  if not FLAGS.archs or not FLAGS.models:
+    raise app.UsageError("--archs and --models must each name at least one")
   mesh = parallel.create_mesh()
   k = FLAGS.reflections
   print(f"jax {jax.__version__}, {mesh.devices.size} {jax.default_backend()}"
@@ -68,7 +86,7 @@ def main(argv):
   for arch in FLAGS.archs:
     for model in FLAGS.models:
       config = config_lib.make_config(arch, model)
-      for batch_size in (int(b) for b in FLAGS.batch_sizes):
+      for batch_size in batch_sizes:
         single = step_memory(config, batch_size, 1, False, mesh)
         many = step_memory(config, batch_size, k, False, mesh)
         many_remat = step_memory(config, batch_size, k, True, mesh)
