@@ -129,7 +129,8 @@ def code_from_top(config: config_lib.ModelConfig, top: jax.Array,
 
 
 def bottom_up_pass(params: Params, config: config_lib.ModelConfig,
-                   x: jax.Array, top_down_inputs: Sequence[jax.Array]):
+                   x: jax.Array, top_down_inputs: Sequence[jax.Array],
+                   first_bottom_up: jax.Array | None = None):
   """Run the encoder once.
 
   Args:
@@ -137,6 +138,9 @@ def bottom_up_pass(params: Params, config: config_lib.ModelConfig,
     config: the model.
     x: `(B, H, W, C)` input layer.
     top_down_inputs: `u_l` for hidden layers `1..L-1`; ignored without DPN.
+    first_bottom_up: `y_1 = W_1 x + b_1` `(B, *shape of layer 1)` when the
+      caller has it already (the same `x` in every reflection); computed
+      from `x` when None.
 
   Returns:
     `(ys, zs, top)`: bottom-up inputs and activities of the hidden layers,
@@ -147,7 +151,10 @@ def bottom_up_pass(params: Params, config: config_lib.ModelConfig,
   ys, zs = [], []
   z = x
   for i, spec in enumerate(config.layers[:-1]):
-    y = connections.bottom_up(layers[i], spec, z, config.conv_impl)
+    if i == 0 and first_bottom_up is not None:
+      y = first_bottom_up
+    else:
+      y = connections.bottom_up(layers[i], spec, z, config.conv_impl)
     z = f(y + top_down_inputs[i]) if config.dpn else f(y)
     ys.append(y)
     zs.append(z)
@@ -312,6 +319,19 @@ def perceive(params: Params,
   # the carry, so that a remat scan does not store one copy per reflection.
   carries_input = observed is not None or feed_reconstruction
 
+  # With the input clamped, `y_1 = W_1 x + b_1` is the same in every
+  # reflection: computed once, its product and weight gradient run once
+  # per step instead of once per reflection. A remat scan would have to
+  # store it, so there each reflection recomputes it. Only a dense first
+  # layer gains: for the CNN, whose first convolution is cheap, hoisting
+  # made a 3-reflection step at batch 50 slower (benchmarks/README.md).
+  first_bottom_up = None
+  if (reflections > 1 and not carries_input and not remat and
+      len(config.layers) > 1 and
+      isinstance(config.layers[0], config_lib.Dense)):
+    first_bottom_up = connections.bottom_up(
+        params["layers"][0], config.layers[0], x, config.conv_impl)
+
   def reflect(carry, noise):
     """One reflection: `(carry, noise) -> (carry, (x_hat, code, top, states))`.
 
@@ -336,7 +356,8 @@ def perceive(params: Params,
           u = top_down_input(params, config, i, value)
           value = jnp.where(started, u, jnp.zeros_like(u))
       top_down_inputs.append(value)
-    ys, zs, top = bottom_up_pass(params, config, x_in, top_down_inputs)
+    ys, zs, top = bottom_up_pass(params, config, x_in, top_down_inputs,
+                                 first_bottom_up)
     code = code_from_top(config, top, style_noise=noise)
     us, hs, x_hat = top_down_pass(params, config, code, ys, zs)
     if observed is not None:
