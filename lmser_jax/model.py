@@ -321,13 +321,12 @@ def perceive(params: Params,
 
   # With the input clamped, `y_1 = W_1 x + b_1` is the same in every
   # reflection: computed once, its product and weight gradient run once
-  # per step instead of once per reflection. A remat scan would have to
-  # store it, so there each reflection recomputes it. Only a dense first
-  # layer gains: for the CNN, whose first convolution is cheap, hoisting
-  # made a 3-reflection step at batch 50 slower (benchmarks/README.md).
+  # per step instead of once per reflection, and a remat scan stores less.
+  # Only a dense first layer gains: for the CNN, whose first convolution
+  # is cheap, it made a 3-reflection step at batch 50 slower
+  # (benchmarks/README.md).
   first_bottom_up = None
-  if (reflections > 1 and not carries_input and not remat and
-      len(config.layers) > 1 and
+  if (reflections > 1 and not carries_input and len(config.layers) > 1 and
       isinstance(config.layers[0], config_lib.Dense)):
     first_bottom_up = connections.bottom_up(
         params["layers"][0], config.layers[0], x, config.conv_impl)
