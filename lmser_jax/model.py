@@ -334,7 +334,7 @@ def perceive(params: Params,
   def reflect(carry, noise):
     """One reflection: `(carry, noise) -> (carry, (x_hat, code, top, states))`.
 
-    The carry holds the input layer (when it is not clamped), for each
+    The carry contains the input layer (when it is not clamped), for each
     hidden layer either its top-down input `u_l` or the activity above it
     that `u_l` is computed from (see `_carries_sources`), and whether a
     reflection has run.
