@@ -17,6 +17,7 @@ import jax
 from absl import app
 from absl import flags
 
+from benchmarks import cli
 from lmser_jax import compiler_options
 from lmser_jax import config as config_lib
 from lmser_jax import evaluation
@@ -36,20 +37,11 @@ flags.DEFINE_integer("rounds", 3, "Alternating rounds; the best is kept.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.check_no_arguments(argv)
   if FLAGS.rounds < 1:
     raise app.UsageError(f"--rounds={FLAGS.rounds} is invalid; expected >= 1")
-  if FLAGS.model not in config_lib.MODELS:
-    raise app.UsageError(f"--model={FLAGS.model} is invalid; expected one of"
-                         f" {', '.join(config_lib.MODELS)}")
-
-  if not FLAGS.archs:
-    raise app.UsageError("--archs is empty; expected fc, cnn or both")
-  for arch in FLAGS.archs:
-    if arch not in config_lib.ARCHITECTURES:
-      raise app.UsageError(f"--archs contains {arch!r}; expected values from"
-                           f" {', '.join(config_lib.ARCHITECTURES)}")
+  cli.check_choices("model", [FLAGS.model], config_lib.MODELS)
+  cli.check_choices("archs", FLAGS.archs, config_lib.ARCHITECTURES)
   if FLAGS.reflections < 1:
     raise app.UsageError(f"--reflections={FLAGS.reflections} is invalid;"
                          " expected >= 1")
@@ -84,8 +76,8 @@ def main(argv):
       for _ in range(FLAGS.rounds):
         for name, options_fn in variants.items():
           compiler_options.forward_options = options_fn
-          # The evaluation step is cached per model; clear it so that each
-          # variant compiles its own.
+          # The evaluation step is cached per model. Clearing the cache makes
+          # each variant compile its own.
           evaluation._eval_step.cache_clear()
           evaluation.evaluate(params, config, split.images[:FLAGS.batch_size],
                               split.labels[:FLAGS.batch_size], mesh=mesh,

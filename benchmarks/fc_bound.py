@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 from jax import lax
 
+from benchmarks import cli
 from benchmarks import fc_products
 from lmser_jax import config as config_lib
 
@@ -60,8 +61,7 @@ def best_seconds(fn, *args) -> float:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.check_no_arguments(argv)
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size={FLAGS.batch_size} is invalid;"
                          " expected >= 1")
@@ -72,9 +72,7 @@ def main(argv):
     raise app.UsageError(
         f"--rounds={FLAGS.rounds} and --round_seconds={FLAGS.round_seconds}"
         " are invalid; expected positive finite values")
-  if FLAGS.model not in config_lib.MODELS:
-    raise app.UsageError(f"--model={FLAGS.model} is invalid; expected one of"
-                         f" {', '.join(config_lib.MODELS)}")
+  cli.check_choices("model", [FLAGS.model], config_lib.MODELS)
 
   config = config_lib.make_config("fc", FLAGS.model)
   widths = [784] + [spec.features for spec in config.layers]

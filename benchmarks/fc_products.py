@@ -26,7 +26,7 @@ def step_products(batch: int, widths: list[int]) -> list[tuple]:
          0, 0),
     ]
     if i > 0:
-      # The image needs no gradient, the hidden layers do.
+      # The image needs no gradient, but the hidden layers do.
       products.append((f"{layer} bottom-up input gradient", (batch, n_out),
                        (n_in, n_out), 1, 1))
   return products

@@ -20,6 +20,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from benchmarks import cli
 from lmser_jax import config as config_lib
 from lmser_jax import parallel
 from lmser_jax import train_loop
@@ -52,19 +53,12 @@ def step_memory(config, batch_size: int, reflections: int, remat: bool,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.check_no_arguments(argv)
   if FLAGS.reflections < 2:
     raise app.UsageError(f"--reflections={FLAGS.reflections} is invalid;"
                          " expected at least 2")
-  for arch in FLAGS.archs:
-    if arch not in config_lib.ARCHITECTURES:
-      raise app.UsageError(f"--archs contains {arch!r}; expected values from"
-                           f" {', '.join(config_lib.ARCHITECTURES)}")
-  for model in FLAGS.models:
-    if model not in config_lib.MODELS:
-      raise app.UsageError(f"--models contains {model!r}; expected values"
-                           f" from {', '.join(config_lib.MODELS)}")
+  cli.check_choices("archs", FLAGS.archs, config_lib.ARCHITECTURES)
+  cli.check_choices("models", FLAGS.models, config_lib.MODELS)
   try:
     batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   except ValueError:
@@ -73,8 +67,6 @@ def main(argv):
     raise app.UsageError(
         f"--batch_sizes={','.join(FLAGS.batch_sizes)} is invalid; expected"
         " comma-separated positive integers")
-  if not FLAGS.archs or not FLAGS.models:
-    raise app.UsageError("--archs and --models must each name at least one")
   mesh = parallel.create_mesh()
   k = FLAGS.reflections
   print(f"jax {jax.__version__}, {mesh.devices.size} {jax.default_backend()}"

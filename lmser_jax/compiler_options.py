@@ -31,11 +31,12 @@ def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
 
 
 def forward_options(mesh: Mesh) -> dict[str, str] | None:
-  """Compiler options for a forward-only program on `mesh`, or None.
+  """Return the compiler options for a forward-only program on `mesh`.
 
-  Returns the CPU options above when `mesh` is on CPU and the installed XLA
-  accepts them, else None (XLA's defaults), so they can be passed to
-  `jax.jit(..., compiler_options=...)` as they are.
+  Returns:
+    The CPU options above when `mesh` is on CPU and the installed XLA
+    accepts them, else None (XLA's defaults). Either can be passed to
+    `jax.jit(..., compiler_options=...)` as it is.
   """
   if mesh.devices.flat[0].platform != "cpu":
     return None

@@ -209,20 +209,30 @@ def top_down_pass(params: Params, config: config_lib.ModelConfig,
 
 def top_down_input(params: Params, config: config_lib.ModelConfig, i: int,
                    h: jax.Array) -> jax.Array:
-  """Top-down input `u = W^T h + c` of hidden layer `i + 1` from the activity
-  `h` `(B, *shape of layer i + 2)` above it, as `top_down_pass` computes it."""
+  """Compute the top-down input `u = W^T h + c` of hidden layer `i + 1`.
+
+  Args:
+    params: model parameters.
+    config: the model.
+    i: 0-based index of the hidden layer (layer `i + 1`).
+    h: `(B, *shape of layer i + 2)`, the activity above it.
+
+  Returns:
+    `(B, *shape of layer i + 1)`, as `top_down_pass` computes it.
+  """
   return connections.top_down(
       params["layers"][i + 1], config.layers[i + 1], h,
       config.layer_shapes[i + 1], dcw=config.dcw, conv_impl=config.conv_impl)
 
 
 def _carries_sources(config: config_lib.ModelConfig) -> tuple[bool, ...]:
-  """For each hidden layer, whether the reflection scan carries the activity
-  above it (True) or its top-down input `u_l` (False).
+  """Return, per hidden layer, whether the scan carries the activity above.
 
-  A dense connection's activity above is smaller than `u_l` (FC: 100 and 10
-  units against 300 and 100) and one small product recomputes `u_l`, so
-  carrying it shrinks what a remat scan stores per reflection. For a
+  True: the reflection scan carries the activity above the layer. False: it
+  carries the layer's top-down input `u_l`. Above a dense connection the
+  activity is smaller than `u_l` (FC: 100 and 10 units against 300 and
+  100), and one small product recomputes `u_l`. So carrying the activity
+  shrinks what a remat scan stores per reflection. For a
   convolution, recomputing the transposed convolution made XLA's CPU buffer
   assignment of the whole step about 13 MiB larger (CNN, batch 50), more
   than the carry saved, so `u_l` is carried.
@@ -319,12 +329,9 @@ def perceive(params: Params,
   # the carry, so that a remat scan does not store one copy per reflection.
   carries_input = observed is not None or feed_reconstruction
 
-  # With the input clamped, `y_1 = W_1 x + b_1` is the same in every
-  # reflection: computed once, its product and weight gradient run once
-  # per step instead of once per reflection, and a remat scan stores less.
-  # Only a dense first layer gains: for the CNN, whose first convolution
-  # is cheap, it made a 3-reflection step at batch 50 slower
-  # (benchmarks/README.md).
+  # A clamped input gives the same `y_1 = W_1 x + b_1` in every reflection,
+  # so it is computed once per step. Only for a dense first layer, because
+  # it made the 3-reflection CNN step slower (benchmarks/README.md).
   first_bottom_up = None
   if (reflections > 1 and not carries_input and len(config.layers) > 1 and
       isinstance(config.layers[0], config_lib.Dense)):
@@ -345,13 +352,13 @@ def perceive(params: Params,
     for i, value in enumerate(carried):
       if from_source[i]:
         if isinstance(started, bool):
-          # Known outside the scan: skip the product (and its gradient)
-          # where it would only be multiplied away.
+          # Outside the scan the flag is a Python bool, so the first
+          # reflection skips the product on zeros and its gradient.
           value = (top_down_input(params, config, i, value) if started else
                    jnp.zeros((batch,) + config.layer_shapes[i + 1], x.dtype))
         else:
-          # In the first reflection every `u_l` is zero; `where` keeps that
-          # exact in one scan body for all reflections.
+          # Every `u_l` is zero in the first reflection. The `where` keeps
+          # that exact with one scan body for all reflections.
           u = top_down_input(params, config, i, value)
           value = jnp.where(started, u, jnp.zeros_like(u))
       top_down_inputs.append(value)

@@ -1,4 +1,4 @@
-"""Benchmark helpers whose correctness the reported numbers rest on."""
+"""Benchmark helpers that the reported numbers depend on."""
 
 import jax
 import numpy as np
@@ -12,10 +12,9 @@ from lmser_jax import training
 
 
 @pytest.mark.parametrize("model_name", ["lmser_un", "lmser_sup"])
-def test_fc_bound_products_cover_step_flops(model_name):
-  # The ceiling is only meaningful if the listed products are the step's:
-  # their FLOPs must match XLA's count for the step, which adds only the
-  # elementwise work on top.
+def test_fc_products_match_step_flops(model_name):
+  # The ceiling is meaningful only if the listed products are the step's.
+  # XLA's count of the step adds just the elementwise work to their FLOPs.
   batch = 100
   config = config_lib.make_config("fc", model_name)
   widths = [784] + [spec.features for spec in config.layers]

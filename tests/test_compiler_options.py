@@ -17,12 +17,12 @@ def test_cpu_mesh_gets_forward_options():
   assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def test_unknown_option_is_not_accepted():
+def test_unknown_option_rejected():
   assert not compiler_options._accepted((("xla_cpu_no_such_option", ""),))
 
 
 @pytest.mark.parametrize("arch", ["fc", "cnn"])
-def test_eval_step_sums_match_default_compilation(arch, monkeypatch):
+def test_eval_sums_match_default_options(arch, monkeypatch):
   config = config_lib.make_config(arch, "lmser_sup")
   mesh = parallel.create_mesh()
   params = model.init_params(jax.random.PRNGKey(0), config)

@@ -170,9 +170,9 @@ def test_outputs_finite_and_in_unit_range(activation, dpn_mode):
 
 @pytest.mark.parametrize("layers", [SMALL_FC, SMALL_CNN],
                          ids=["fc", "cnn"])
-def test_gradients_equal_unrolled_loop_with_and_without_remat(layers):
-  # The scan carries activities in place of some top-down inputs and skips
-  # the remat of the last reflection; the gradients must not notice.
+def test_gradients_match_unrolled_loop(layers):
+  # The scan carries activities in place of some top-down inputs and does
+  # not rematerialise the last reflection. Gradients must not change.
   config = _config("lmser_un", layers)
   params = model.init_params(jax.random.PRNGKey(11), config)
   x = _inputs()
