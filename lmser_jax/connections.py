@@ -12,11 +12,15 @@ A connection between layer `l-1` and layer `l` contains
   same shape as `kernel`, used in place of `W_l` on the way down.
 
 Bottom-up is `y_l = W_l z_{l-1} + b_l`; top-down is `W_l^T h_l + c_{l-1}`,
-where `W_l^T` is the linear adjoint of the bottom-up map. For convolutions
-that adjoint is built by `jax.linear_transpose` of the bottom-up map, so it
-matches the forward convolution exactly for odd sizes and any stride.
+where `W_l^T` is the linear adjoint of the bottom-up map. A convolution
+is a matrix product over image patches (`image_patches`), so its adjoint
+is the transposed product followed by `patches_to_image`, which adds every
+patch entry back to its pixel; it matches the forward convolution exactly
+for odd sizes and any stride. With `impl="xla"` the adjoint is built by
+`jax.linear_transpose` of `lax.conv_general_dilated`.
 """
 
+import functools
 import math
 
 import jax
@@ -108,8 +112,7 @@ def init_connection(key: jax.Array,
 def _patches(z: jax.Array, spec: config_lib.Conv) -> jax.Array:
   """Image patches `(B, H', W', k * k * C_in)`, ordered like an HWIO kernel.
 
-  Built from `k * k` strided slices of the padded input, so its transpose is
-  a sum of strided pads that XLA fuses into one pass.
+  Built from `k * k` strided slices of the padded input.
   """
   k, stride, pad = spec.kernel_size, spec.stride, spec.padding
   batch, height, width, channels = z.shape
@@ -126,6 +129,107 @@ def _patches(z: jax.Array, spec: config_lib.Conv) -> jax.Array:
   return jnp.concatenate(columns, axis=-1)
 
 
+def _col2im(columns: jax.Array, spec: config_lib.Conv,
+            in_shape: tuple[int, ...]) -> jax.Array:
+  """Invert the patch layout: `(B, H', W', k * k * C_in) -> (B, H, W, C_in)`.
+
+  The adjoint of `_patches`: adds each patch entry back to the pixel it was
+  read from. Pixels are
+  grouped by their row and column remainders modulo the stride (`stride**2`
+  phases). Within a phase, every tap lands on a contiguous, shifted block,
+  so a phase is a sum of edge-padded slices. The phases are then
+  interleaved.
+
+  `jax.linear_transpose` of `_patches` instead pads every tap with interior
+  zeros to the full image. In the compiled CNN step, XLA's CPU backend
+  wrote those `k * k` padded images to memory one by one, because their sum
+  had two consumers (the top-down input's value and its derivative).
+  """
+  k, stride, pad = spec.kernel_size, spec.stride, spec.padding
+  batch, out_h, out_w, _ = columns.shape
+  height, width, channels = in_shape
+  # Rows and columns of the padded image per phase. Every tap fits in them.
+  phase_rows = -(-(height + 2 * pad) // stride)
+  phase_cols = -(-(width + 2 * pad) // stride)
+  taps = columns.reshape(batch, out_h, out_w, k, k, channels)
+  phases = []
+  for row_phase in range(stride):
+    phase_row = []
+    for col_phase in range(stride):
+      total = jnp.zeros((batch, phase_rows, phase_cols, channels),
+                        columns.dtype)
+      for i in range(row_phase, k, stride):
+        for j in range(col_phase, k, stride):
+          di, dj = i // stride, j // stride
+          total = total + jnp.pad(
+              taps[:, :, :, i, j, :],
+              ((0, 0), (di, phase_rows - di - out_h),
+               (dj, phase_cols - dj - out_w), (0, 0)))
+      phase_row.append(total)
+    phases.append(jnp.stack(phase_row, axis=3))
+  padded = jnp.stack(phases, axis=2).reshape(
+      batch, phase_rows * stride, phase_cols * stride, channels)
+  return padded[:, pad:pad + height, pad:pad + width, :]
+
+
+def _columns_shape(spec: config_lib.Conv, z_shape: tuple[int, ...]):
+  """Return the shape of `_patches(z, spec)` for `z` of shape `z_shape`."""
+  k, stride, pad = spec.kernel_size, spec.stride, spec.padding
+  batch, height, width, channels = z_shape
+  return (batch, (height + 2 * pad - k) // stride + 1,
+          (width + 2 * pad - k) // stride + 1, k * k * channels)
+
+
+# `_patches` and `_col2im` are adjoint linear maps. Reverse-mode autodiff
+# transposes the tangent map of a custom JVP. So each map below writes its
+# tangent as the transpose of the other's formulation. The backward pass of
+# the patches then runs `_col2im`, and that of `_col2im` runs the strided
+# slices of `_patches`. Forward-mode autodiff still works.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def image_patches(z: jax.Array, spec: config_lib.Conv) -> jax.Array:
+  """Extract the patches `(B, H', W', k * k * C_in)` of `z` `(B, H, W, C_in)`.
+
+  They are ordered like an HWIO kernel, so `image_patches(z, spec) @
+  kernel.reshape(-1, C_out)` is the convolution.
+  """
+  return _patches(z, spec)
+
+
+@image_patches.defjvp
+def _image_patches_jvp(spec, primals, tangents):
+  (z,), (dz,) = primals, tangents
+  template = jax.ShapeDtypeStruct(_columns_shape(spec, z.shape), z.dtype)
+  adjoint = jax.linear_transpose(
+      functools.partial(_col2im, spec=spec, in_shape=z.shape[1:]), template)
+  return _patches(z, spec), adjoint(dz)[0]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def patches_to_image(columns: jax.Array, spec: config_lib.Conv,
+                     in_shape: tuple[int, ...]) -> jax.Array:
+  """Sum every patch entry into its pixel: the exact adjoint of `image_patches`.
+
+  Args:
+    columns: `(B, H', W', k * k * C_in)`.
+    spec: the convolution's spec.
+    in_shape: `(H, W, C_in)` of the image.
+
+  Returns:
+    `(B, H, W, C_in)`.
+  """
+  return _col2im(columns, spec, tuple(in_shape))
+
+
+@patches_to_image.defjvp
+def _patches_to_image_jvp(spec, in_shape, primals, tangents):
+  (columns,), (d_columns,) = primals, tangents
+  template = jax.ShapeDtypeStruct((columns.shape[0],) + tuple(in_shape),
+                                  columns.dtype)
+  adjoint = jax.linear_transpose(functools.partial(_patches, spec=spec),
+                                 template)
+  return _col2im(columns, spec, tuple(in_shape)), adjoint(d_columns)[0]
+
+
 def conv(z: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
          impl: str = "patches") -> jax.Array:
   """Bottom-up convolution without bias: `(B, H, W, C_in) -> (B, H', W', C_out)`.
@@ -140,7 +244,7 @@ def conv(z: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
     return lax.conv_general_dilated(
         z, kernel, (spec.stride, spec.stride), pad,
         dimension_numbers=_CONV_DIMENSIONS)
-  return _patches(z, spec) @ kernel.reshape(-1, kernel.shape[-1])
+  return image_patches(z, spec) @ kernel.reshape(-1, kernel.shape[-1])
 
 
 def conv_transpose(h: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
@@ -158,14 +262,13 @@ def conv_transpose(h: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
   Returns:
     `(B, H, W, C_in)`.
   """
-  template = jax.ShapeDtypeStruct((h.shape[0],) + tuple(in_shape), h.dtype)
   if impl == "xla":
+    template = jax.ShapeDtypeStruct((h.shape[0],) + tuple(in_shape), h.dtype)
     (out,) = jax.linear_transpose(
         lambda z: conv(z, kernel, spec, "xla"), template)(h)
     return out
   columns = h @ kernel.reshape(-1, kernel.shape[-1]).T
-  (out,) = jax.linear_transpose(lambda z: _patches(z, spec), template)(columns)
-  return out
+  return patches_to_image(columns, spec, tuple(in_shape))
 
 
 def bottom_up(params: Params, spec: config_lib.LayerSpec, z: jax.Array,

@@ -170,11 +170,11 @@ def microbatched_grad(loss_fn, params, batch: dict,
 
 
 # Examples per device in one chunk of the "auto" microbatching. On a 2-core
-# x86 CPU, chunks of 50 trained the CNN at batch 500 2.5-3.1x faster than
-# the whole batch, and chunks of 25 or 100 were slower than 50. Chunks of 50
-# slowed the FC models at batch 500. benchmarks/README.md has the runs.
+# x86 CPU, chunks of 100 and 125 trained the CNN at batch 500 5-10% faster
+# than chunks of 50 and 10-20% faster than the whole batch. Chunks slowed
+# the FC models at batch 500. benchmarks/README.md has the runs.
 # NOTE: CPUs with other cache sizes may prefer other sizes.
-AUTO_MICROBATCH_PER_DEVICE = 50
+AUTO_MICROBATCH_PER_DEVICE = 100
 
 
 def resolve_microbatch_size(microbatch_size: int | str | None,

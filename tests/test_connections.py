@@ -28,6 +28,9 @@ CONV_CASES = [
     (13, 11, 2, 3, 3, 1, 1),
     (9, 9, 3, 5, 5, 3, 2),
     (8, 6, 2, 2, 3, 2, 0),
+    # Stride above the kernel size: some pixels are in no patch.
+    (6, 6, 2, 3, 1, 2, 0),
+    (11, 10, 2, 3, 4, 3, 0),
 ]
 
 
@@ -69,6 +72,50 @@ def test_conv_impls_agree(case):
       _conv_transpose(y, kernel, spec, in_shape, "patches"),
       _conv_transpose(y, kernel, spec, in_shape, "xla"),
       rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_patch_maps_adjoint_identity(case):
+  height, width, c_in, c_out, kernel_size, stride, padding = case
+  spec = config_lib.Conv(c_out, kernel_size, stride, padding)
+  in_shape = (height, width, c_in)
+  x = _normal(0, (2,) + in_shape)
+  columns = jax.jit(connections.image_patches, static_argnums=1)(x, spec)
+  y = _normal(1, columns.shape)
+  image = jax.jit(connections.patches_to_image, static_argnums=(1, 2))(
+      y, spec, in_shape)
+  assert image.shape == x.shape
+  np.testing.assert_allclose(float(jnp.vdot(columns, y)),
+                             float(jnp.vdot(x, image)), rtol=2e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_patches_derivatives_match_xla(case):
+  """Reverse and forward mode through the custom JVPs match lax.conv."""
+  height, width, c_in, c_out, kernel_size, stride, padding = case
+  spec = config_lib.Conv(c_out, kernel_size, stride, padding)
+  in_shape = (height, width, c_in)
+  x = _normal(0, (2,) + in_shape)
+  kernel = _normal(1, (kernel_size, kernel_size, c_in, c_out))
+  h = _normal(2, (2,) + connections.conv(x, kernel, spec, "xla").shape[1:])
+
+  def loss(impl, x, kernel, h):
+    up = connections.conv(x, kernel, spec, impl)
+    down = connections.conv_transpose(h, kernel, spec, in_shape, impl)
+    return jnp.sum(jnp.sin(up)) + jnp.sum(jnp.cos(down) * x)
+
+  def derivatives(impl):
+    args = (x, kernel, h)
+    grads = jax.grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2))(*args)
+    _, slope = jax.jvp(lambda *a: loss(impl, *a), args,
+                       (h[..., :1].mean() + x, kernel, h))
+    return grads, slope
+
+  (grads, slope), (want_grads, want_slope) = jax.jit(
+      lambda: (derivatives("patches"), derivatives("xla")))()
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(slope, want_slope, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("in_shape,features", [((784,), 300), ((7,), 5),
