@@ -134,11 +134,10 @@ def _col2im(columns: jax.Array, spec: config_lib.Conv,
   """Invert the patch layout: `(B, H', W', k * k * C_in) -> (B, H, W, C_in)`.
 
   The adjoint of `_patches`: adds each patch entry back to the pixel it was
-  read from. Pixels are
-  grouped by their row and column remainders modulo the stride (`stride**2`
-  phases). Within a phase, every tap lands on a contiguous, shifted block,
-  so a phase is a sum of edge-padded slices. The phases are then
-  interleaved.
+  read from. Pixels are grouped by their row and column remainders modulo
+  the stride (`stride**2` phases). Within a phase, every tap lands on a
+  contiguous, shifted block, so a phase is a sum of edge-padded slices.
+  The phases are then interleaved.
 
   `jax.linear_transpose` of `_patches` instead pads every tap with interior
   zeros to the full image. In the compiled CNN step, XLA's CPU backend

@@ -28,7 +28,8 @@ CONV_CASES = [
     (13, 11, 2, 3, 3, 1, 1),
     (9, 9, 3, 5, 5, 3, 2),
     (8, 6, 2, 2, 3, 2, 0),
-    # Stride above the kernel size: some pixels are in no patch.
+    # Pixels in no patch: a stride above the kernel size, or rows and
+    # columns past the last patch.
     (6, 6, 2, 3, 1, 2, 0),
     (11, 10, 2, 3, 4, 3, 0),
 ]
@@ -104,11 +105,13 @@ def test_patches_derivatives_match_xla(case):
     down = connections.conv_transpose(h, kernel, spec, in_shape, impl)
     return jnp.sum(jnp.sin(up)) + jnp.sum(jnp.cos(down) * x)
 
+  args = (x, kernel, h)
+  directions = (_normal(3, x.shape), _normal(4, kernel.shape),
+                _normal(5, h.shape))
+
   def derivatives(impl):
-    args = (x, kernel, h)
     grads = jax.grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2))(*args)
-    _, slope = jax.jvp(lambda *a: loss(impl, *a), args,
-                       (h[..., :1].mean() + x, kernel, h))
+    _, slope = jax.jvp(lambda *a: loss(impl, *a), args, directions)
     return grads, slope
 
   (grads, slope), (want_grads, want_slope) = jax.jit(
