@@ -190,7 +190,12 @@ def image_patches(z: jax.Array, spec: config_lib.Conv) -> jax.Array:
 
   They are ordered like an HWIO kernel, so `image_patches(z, spec) @
   kernel.reshape(-1, C_out)` is the convolution.
+
+  Raises:
+    ValueError: `z` is not 4-D.
   """
+  if z.ndim != 4:
+    raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, H, W, C_in)")
   return _patches(z, spec)
 
 
@@ -215,7 +220,15 @@ def patches_to_image(columns: jax.Array, spec: config_lib.Conv,
 
   Returns:
     `(B, H, W, C_in)`.
+
+  Raises:
+    ValueError: `columns` is not the shape of the patches of such an image.
   """
+  expected = _columns_shape(spec, (columns.shape[0],) + tuple(in_shape))
+  if tuple(columns.shape) != expected:
+    raise ValueError(
+        f"columns have shape {tuple(columns.shape)}; expected {expected}, the"
+        f" patches of an image of shape {tuple(in_shape)} for {spec}")
   return _col2im(columns, spec, tuple(in_shape))
 
 
@@ -260,7 +273,17 @@ def conv_transpose(h: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
 
   Returns:
     `(B, H, W, C_in)`.
+
+  Raises:
+    ValueError: `h` is not the shape of the convolution of such a layer.
   """
+  _, out_h, out_w, _ = _columns_shape(spec, (1,) + tuple(in_shape))
+  expected = (h.shape[0], out_h, out_w, kernel.shape[-1])
+  if tuple(h.shape) != expected:
+    raise ValueError(
+        f"h has shape {tuple(h.shape)}; expected {expected}, the output of"
+        f" {spec} on a layer of shape {tuple(in_shape)} with a kernel of"
+        f" shape {tuple(kernel.shape)}")
   if impl == "xla":
     template = jax.ShapeDtypeStruct((h.shape[0],) + tuple(in_shape), h.dtype)
     (out,) = jax.linear_transpose(

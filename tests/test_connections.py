@@ -121,6 +121,23 @@ def test_patches_derivatives_match_xla(case):
   np.testing.assert_allclose(slope, want_slope, rtol=1e-4, atol=1e-3)
 
 
+def test_patch_maps_reject_wrong_shapes():
+  spec = config_lib.Conv(4, 3, 2, 1)
+  with pytest.raises(ValueError, match=r"expected \(B, H, W, C_in\)"):
+    connections.image_patches(jnp.ones((7, 7, 2)), spec)
+  # Patches of a 7x7 image, given with the shape of a 9x9 one.
+  with pytest.raises(ValueError, match=r"expected \(2, 5, 5, 18\)"):
+    connections.patches_to_image(jnp.ones((2, 4, 4, 18)), spec, (9, 9, 2))
+
+
+@pytest.mark.parametrize("impl", config_lib.CONV_IMPLS)
+def test_conv_transpose_rejects_wrong_shape(impl):
+  spec = config_lib.Conv(4, 3, 2, 1)
+  with pytest.raises(ValueError, match=r"h has shape \(2, 4, 4, 4\)"):
+    connections.conv_transpose(jnp.ones((2, 4, 4, 4)), jnp.ones((3, 3, 2, 4)),
+                               spec, (9, 9, 2), impl)
+
+
 @pytest.mark.parametrize("in_shape,features", [((784,), 300), ((7,), 5),
                                                ((2, 2, 64), 10)])
 def test_dense_adjoint_identity(in_shape, features):
