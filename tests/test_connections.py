@@ -35,15 +35,20 @@ CONV_CASES = [
 ]
 
 
+def _spec_and_shape(case):
+  """Return the `Conv` spec and the input shape `(H, W, C_in)` of a case."""
+  height, width, c_in, c_out, kernel_size, stride, padding = case
+  return (config_lib.Conv(c_out, kernel_size, stride, padding),
+          (height, width, c_in))
+
+
 @pytest.mark.parametrize("impl", config_lib.CONV_IMPLS)
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_adjoint_identity(case, impl):
-  height, width, c_in, c_out, kernel_size, stride, padding = case
-  spec = config_lib.Conv(c_out, kernel_size, stride, padding)
-  in_shape = (height, width, c_in)
+  spec, in_shape = _spec_and_shape(case)
   out_shape = config_lib.ModelConfig(in_shape, (spec, config_lib.Dense(1)),
                                      ).layer_shapes[1]
-  kernel = _normal(0, (kernel_size, kernel_size, c_in, c_out))
+  kernel = _normal(0, connections.kernel_shape(spec, in_shape))
   x = _normal(1, (2,) + in_shape)
   y = _normal(2, (2,) + out_shape)
 
@@ -59,10 +64,8 @@ def test_conv_adjoint_identity(case, impl):
 
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_impls_agree(case):
-  height, width, c_in, c_out, kernel_size, stride, padding = case
-  spec = config_lib.Conv(c_out, kernel_size, stride, padding)
-  in_shape = (height, width, c_in)
-  kernel = _normal(0, (kernel_size, kernel_size, c_in, c_out))
+  spec, in_shape = _spec_and_shape(case)
+  kernel = _normal(0, connections.kernel_shape(spec, in_shape))
   x = _normal(1, (3,) + in_shape)
   forward_xla = _conv(x, kernel, spec, "xla")
   forward_patches = _conv(x, kernel, spec, "patches")
@@ -77,9 +80,7 @@ def test_conv_impls_agree(case):
 
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_patch_maps_adjoint_identity(case):
-  height, width, c_in, c_out, kernel_size, stride, padding = case
-  spec = config_lib.Conv(c_out, kernel_size, stride, padding)
-  in_shape = (height, width, c_in)
+  spec, in_shape = _spec_and_shape(case)
   x = _normal(0, (2,) + in_shape)
   columns = jax.jit(connections.image_patches, static_argnums=1)(x, spec)
   y = _normal(1, columns.shape)
@@ -93,11 +94,9 @@ def test_patch_maps_adjoint_identity(case):
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_patches_derivatives_match_xla(case):
   """Reverse and forward mode through the custom JVPs match lax.conv."""
-  height, width, c_in, c_out, kernel_size, stride, padding = case
-  spec = config_lib.Conv(c_out, kernel_size, stride, padding)
-  in_shape = (height, width, c_in)
+  spec, in_shape = _spec_and_shape(case)
   x = _normal(0, (2,) + in_shape)
-  kernel = _normal(1, (kernel_size, kernel_size, c_in, c_out))
+  kernel = _normal(1, connections.kernel_shape(spec, in_shape))
   h = _normal(2, (2,) + connections.conv(x, kernel, spec, "xla").shape[1:])
 
   def loss(impl, x, kernel, h):
