@@ -10,6 +10,7 @@ of `jax.jit`. Layers are listed bottom-up: connection `l` (1-based) maps layer
 
 import dataclasses
 import math
+import numbers
 from typing import Sequence
 
 ACTIVATIONS = ("relu", "sigmoid")
@@ -37,6 +38,9 @@ class Dense:
   """
   features: int
 
+  def __post_init__(self):
+    _check_sizes(self, features=1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
@@ -49,6 +53,20 @@ class Conv:
   kernel_size: int = 3
   stride: int = 2
   padding: int = 1
+
+  def __post_init__(self):
+    _check_sizes(self, features=1, kernel_size=1, stride=1, padding=0)
+
+
+def _check_sizes(spec, **minimums):
+  """Raise ValueError unless each named field is an int of at least its minimum."""
+  for name, minimum in minimums.items():
+    value = getattr(spec, name)
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or
+        value < minimum):
+      raise ValueError(
+          f"{type(spec).__name__}({name}={value!r}) is invalid; expected an"
+          f" integer >= {minimum}")
 
 
 LayerSpec = Dense | Conv

@@ -22,6 +22,7 @@ for odd sizes and any stride. With `impl="xla"` the adjoint is built by
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,40 @@ def _columns_shape(spec: config_lib.Conv, z_shape: tuple[int, ...]):
           (width + 2 * pad - k) // stride + 1, k * k * channels)
 
 
+def _check_image_shape(spec: config_lib.Conv, in_shape) -> tuple[int, ...]:
+  """Return `in_shape` as a tuple of ints, or raise ValueError.
+
+  Valid: three positive integers `(H, W, C_in)` on which `spec` gives an
+  output of at least one pixel.
+  """
+  try:
+    shape = tuple(operator.index(size) for size in in_shape)
+  except TypeError:
+    shape = None
+  if shape is None or len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"in_shape={in_shape!r} is invalid; expected (H, W,"
+                     " C_in), three positive integers")
+  _, out_h, out_w, _ = _columns_shape(spec, (1,) + shape)
+  if out_h < 1 or out_w < 1:
+    raise ValueError(
+        f"{spec} does not fit an image of shape {shape}: its output would be"
+        f" {out_h}x{out_w}")
+  return shape
+
+
+def _check_kernel(kernel: jax.Array, spec: config_lib.Conv, channels: int,
+                  impl: str):
+  """Raise ValueError for an unknown `impl` or a kernel unlike `spec`'s."""
+  if impl not in config_lib.CONV_IMPLS:
+    raise ValueError(f"impl={impl!r} is invalid; expected one of"
+                     f" {config_lib.CONV_IMPLS}")
+  expected = (spec.kernel_size, spec.kernel_size, channels, spec.features)
+  if tuple(kernel.shape) != expected:
+    raise ValueError(
+        f"kernel has shape {tuple(kernel.shape)}; expected {expected} (k, k,"
+        f" C_in, C_out) for {spec} on {channels} input channels")
+
+
 # `_patches` and `_col2im` are adjoint linear maps. Reverse-mode autodiff
 # transposes the tangent map of a custom JVP. So each map below writes its
 # tangent as the transpose of the other's formulation. The backward pass of
@@ -192,10 +227,11 @@ def image_patches(z: jax.Array, spec: config_lib.Conv) -> jax.Array:
   kernel.reshape(-1, C_out)` is the convolution.
 
   Raises:
-    ValueError: `z` is not 4-D.
+    ValueError: `z` is not 4-D, or `spec` gives it an empty output.
   """
   if z.ndim != 4:
     raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, H, W, C_in)")
+  _check_image_shape(spec, z.shape[1:])
   return _patches(z, spec)
 
 
@@ -222,14 +258,16 @@ def patches_to_image(columns: jax.Array, spec: config_lib.Conv,
     `(B, H, W, C_in)`.
 
   Raises:
-    ValueError: `columns` is not the shape of the patches of such an image.
+    ValueError: `in_shape` is invalid, or `columns` is not the shape of the
+      patches of such an image.
   """
-  expected = _columns_shape(spec, (columns.shape[0],) + tuple(in_shape))
+  in_shape = _check_image_shape(spec, in_shape)
+  expected = _columns_shape(spec, (columns.shape[0],) + in_shape)
   if tuple(columns.shape) != expected:
     raise ValueError(
         f"columns have shape {tuple(columns.shape)}; expected {expected}, the"
-        f" patches of an image of shape {tuple(in_shape)} for {spec}")
-  return _col2im(columns, spec, tuple(in_shape))
+        f" patches of an image of shape {in_shape} for {spec}")
+  return _col2im(columns, spec, in_shape)
 
 
 @patches_to_image.defjvp
@@ -250,7 +288,15 @@ def conv(z: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
   "xla" is `lax.conv_general_dilated`; "patches" is a matrix product over
   image patches, several times faster on CPU for the small maps and channel
   counts of these networks, mostly in the backward pass.
+
+  Raises:
+    ValueError: `impl` is unknown, `z` is not 4-D, `spec` gives it an empty
+      output, or `kernel` is not `(k, k, C_in, spec.features)`.
   """
+  if z.ndim != 4:
+    raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, H, W, C_in)")
+  _check_image_shape(spec, z.shape[1:])
+  _check_kernel(kernel, spec, z.shape[-1], impl)
   if impl == "xla":
     pad = ((spec.padding, spec.padding), (spec.padding, spec.padding))
     return lax.conv_general_dilated(
@@ -275,22 +321,24 @@ def conv_transpose(h: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
     `(B, H, W, C_in)`.
 
   Raises:
-    ValueError: `h` is not the shape of the convolution of such a layer.
+    ValueError: `impl`, `in_shape` or `kernel` is invalid, or `h` is not the
+      shape of the convolution of such a layer.
   """
-  _, out_h, out_w, _ = _columns_shape(spec, (1,) + tuple(in_shape))
-  expected = (h.shape[0], out_h, out_w, kernel.shape[-1])
+  in_shape = _check_image_shape(spec, in_shape)
+  _check_kernel(kernel, spec, in_shape[-1], impl)
+  _, out_h, out_w, _ = _columns_shape(spec, (1,) + in_shape)
+  expected = tuple(h.shape[:1]) + (out_h, out_w, spec.features)
   if tuple(h.shape) != expected:
     raise ValueError(
         f"h has shape {tuple(h.shape)}; expected {expected}, the output of"
-        f" {spec} on a layer of shape {tuple(in_shape)} with a kernel of"
-        f" shape {tuple(kernel.shape)}")
+        f" {spec} on a layer of shape {in_shape}")
   if impl == "xla":
-    template = jax.ShapeDtypeStruct((h.shape[0],) + tuple(in_shape), h.dtype)
+    template = jax.ShapeDtypeStruct((h.shape[0],) + in_shape, h.dtype)
     (out,) = jax.linear_transpose(
         lambda z: conv(z, kernel, spec, "xla"), template)(h)
     return out
   columns = h @ kernel.reshape(-1, kernel.shape[-1]).T
-  return patches_to_image(columns, spec, tuple(in_shape))
+  return patches_to_image(columns, spec, in_shape)
 
 
 def bottom_up(params: Params, spec: config_lib.LayerSpec, z: jax.Array,

@@ -223,7 +223,8 @@ def make_train_step(config: config_lib.ModelConfig,
   of that, and the whole batch otherwise.
   """
   if microbatch_size != "auto" and microbatch_size is not None and (
-      not isinstance(microbatch_size, int) or microbatch_size < 1 or
+      not isinstance(microbatch_size, int) or
+      isinstance(microbatch_size, bool) or microbatch_size < 1 or
       microbatch_size % mesh.devices.size):
     raise ValueError(
         f"microbatch_size={microbatch_size!r} is invalid; expected a positive"

@@ -129,6 +129,42 @@ def test_patch_maps_reject_wrong_shapes():
     connections.patches_to_image(jnp.ones((2, 4, 4, 18)), spec, (9, 9, 2))
 
 
+@pytest.mark.parametrize("fields,message", [
+    (dict(features=0), r"Conv\(features=0\) is invalid"),
+    (dict(features=4, padding=-1), r"Conv\(padding=-1\) is invalid"),
+    (dict(features=4, stride=2.0), r"Conv\(stride=2.0\) is invalid"),
+    (dict(features=4, kernel_size=0), r"Conv\(kernel_size=0\) is invalid"),
+])
+def test_conv_spec_rejects_bad_sizes(fields, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.Conv(**fields)
+
+
+@pytest.mark.parametrize("impl", config_lib.CONV_IMPLS)
+def test_conv_rejects_bad_arguments(impl):
+  spec = config_lib.Conv(4, 3, 2, 1)
+  x = jnp.ones((2, 7, 5, 3))
+  with pytest.raises(ValueError, match=r"kernel has shape \(1, 1, 27, 4\)"):
+    connections.conv(x, jnp.ones((1, 1, 27, 4)), spec, impl)
+  with pytest.raises(ValueError, match=r"kernel has shape \(3, 3, 3, 5\)"):
+    connections.conv(x, jnp.ones((3, 3, 3, 5)), spec, impl)
+  with pytest.raises(ValueError, match="does not fit an image"):
+    connections.conv(jnp.ones((1, 2, 2, 1)), jnp.ones((3, 3, 1, 1)),
+                     config_lib.Conv(1, 3, 2, 0), impl)
+  with pytest.raises(ValueError, match=r"in_shape=\(7, 5\) is invalid"):
+    connections.conv_transpose(jnp.ones((2, 4, 3, 4)), jnp.ones((3, 3, 3, 4)),
+                               spec, (7, 5), impl)
+  with pytest.raises(ValueError, match=r"in_shape=\(7.0, 5, 3\) is invalid"):
+    connections.conv_transpose(jnp.ones((2, 4, 3, 4)), jnp.ones((3, 3, 3, 4)),
+                               spec, (7.0, 5, 3), impl)
+
+
+def test_conv_rejects_unknown_impl():
+  with pytest.raises(ValueError, match="impl='XLA' is invalid"):
+    connections.conv(jnp.ones((2, 7, 5, 3)), jnp.ones((3, 3, 3, 4)),
+                     config_lib.Conv(4), "XLA")
+
+
 @pytest.mark.parametrize("impl", config_lib.CONV_IMPLS)
 def test_conv_transpose_rejects_wrong_shape(impl):
   spec = config_lib.Conv(4, 3, 2, 1)

@@ -112,6 +112,12 @@ def test_microbatch_size_must_be_positive():
                              microbatch_size=0)
 
 
+def test_microbatch_size_rejects_bool():
+  with pytest.raises(ValueError, match="microbatch_size=True is invalid"):
+    training.make_train_step(CONFIG, parallel.create_mesh(),
+                             microbatch_size=True)
+
+
 def test_auto_microbatch_size_on_cpu():
   mesh = parallel.create_mesh()
   chunk = training.AUTO_MICROBATCH_PER_DEVICE * mesh.devices.size
