@@ -116,9 +116,8 @@ def _patches(z: jax.Array, spec: config_lib.Conv) -> jax.Array:
   Built from `k * k` strided slices of the padded input.
   """
   k, stride, pad = spec.kernel_size, spec.stride, spec.padding
-  batch, height, width, channels = z.shape
-  out_h = (height + 2 * pad - k) // stride + 1
-  out_w = (width + 2 * pad - k) // stride + 1
+  batch, out_h, out_w, _ = _columns_shape(spec, z.shape)
+  channels = z.shape[-1]
   padded = jnp.pad(z, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   columns = [
       lax.slice(padded, (0, i, j, 0),
@@ -132,10 +131,10 @@ def _patches(z: jax.Array, spec: config_lib.Conv) -> jax.Array:
 
 def _col2im(columns: jax.Array, spec: config_lib.Conv,
             in_shape: tuple[int, ...]) -> jax.Array:
-  """Invert the patch layout: `(B, H', W', k * k * C_in) -> (B, H, W, C_in)`.
+  """Add patches `(B, H', W', k * k * C_in)` back into an image `(B, H, W, C_in)`.
 
-  The adjoint of `_patches`: adds each patch entry back to the pixel it was
-  read from. Pixels are grouped by their row and column remainders modulo
+  This is the adjoint of `_patches`: each patch entry is added to the pixel
+  it was read from. Pixels are grouped by their row and column remainders modulo
   the stride (`stride**2` phases). Within a phase, every tap lands on a
   contiguous, shifted block, so a phase is a sum of edge-padded slices.
   The phases are then interleaved.
@@ -201,6 +200,13 @@ def _check_image_shape(spec: config_lib.Conv, in_shape) -> tuple[int, ...]:
   return shape
 
 
+def _check_image(z: jax.Array, spec: config_lib.Conv):
+  """Raise ValueError unless `z` is `(B, H, W, C_in)` and `spec` fits it."""
+  if z.ndim != 4:
+    raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, H, W, C_in)")
+  _check_image_shape(spec, z.shape[1:])
+
+
 def _check_kernel(kernel: jax.Array, spec: config_lib.Conv, channels: int,
                   impl: str):
   """Raise ValueError for an unknown `impl` or a kernel unlike `spec`'s."""
@@ -229,9 +235,7 @@ def image_patches(z: jax.Array, spec: config_lib.Conv) -> jax.Array:
   Raises:
     ValueError: `z` is not 4-D, or `spec` gives it an empty output.
   """
-  if z.ndim != 4:
-    raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, H, W, C_in)")
-  _check_image_shape(spec, z.shape[1:])
+  _check_image(z, spec)
   return _patches(z, spec)
 
 
@@ -293,9 +297,7 @@ def conv(z: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
     ValueError: `impl` is unknown, `z` is not 4-D, `spec` gives it an empty
       output, or `kernel` is not `(k, k, C_in, spec.features)`.
   """
-  if z.ndim != 4:
-    raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, H, W, C_in)")
-  _check_image_shape(spec, z.shape[1:])
+  _check_image(z, spec)
   _check_kernel(kernel, spec, z.shape[-1], impl)
   if impl == "xla":
     pad = ((spec.padding, spec.padding), (spec.padding, spec.padding))
