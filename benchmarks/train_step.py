@@ -12,6 +12,8 @@ Usage:
       --reflections=8 --remat
   python -m benchmarks.train_step --archs=cnn --microbatch_sizes=none,50
   python -m benchmarks.train_step --archs=cnn --steps_per_call=1,10
+  python -m benchmarks.train_step --archs=cnn --batch_sizes=50 \
+      --reflections=8 --remat --remat_carries=none,2
 """
 
 import json
@@ -35,6 +37,11 @@ flags.DEFINE_list("models", list(config_lib.MODELS), "Models to time.")
 flags.DEFINE_list("batch_sizes", ["50", "500"], "Batch sizes to time.")
 flags.DEFINE_integer("reflections", 1, "Reflections per training step.")
 flags.DEFINE_bool("remat", False, "Recompute reflections in the backward pass.")
+flags.DEFINE_list(
+    "remat_carries", ["none"],
+    "Values of remat_carries to time with --remat, one table each: the most"
+    " carries the backward pass stores besides the first (model.perceive);"
+    " 'none' stores one per reflection.")
 flags.DEFINE_enum("conv_impl", "patches", list(config_lib.CONV_IMPLS),
                   "Formulation of the convolutions.")
 flags.DEFINE_list(
@@ -87,7 +94,8 @@ def matmul_roofline(size: int, min_seconds: float) -> float:
 
 def prepare_step(arch: str, model: str, batch_size: int, mesh, *,
                  conv_impl: str, microbatch_size: int | str | None,
-                 steps_per_call: int = 1) -> dict:
+                 steps_per_call: int = 1,
+                 remat_carries: int | None = None) -> dict:
   """Compile one model's training step at one batch size, without timing it.
 
   Returns:
@@ -97,10 +105,12 @@ def prepare_step(arch: str, model: str, batch_size: int, mesh, *,
   config = config_lib.make_config(arch, model, conv_impl=conv_impl)
   options = train_loop.TrainOptions(num_train_steps=1, batch_size=batch_size,
                                     reflections=FLAGS.reflections,
-                                    remat=FLAGS.remat)
+                                    remat=FLAGS.remat,
+                                    remat_carries=remat_carries)
   state = train_loop.initial_state(config, options, mesh)
   step = training.make_train_step(config, mesh, reflections=FLAGS.reflections,
                                   remat=FLAGS.remat,
+                                  remat_carries=remat_carries,
                                   microbatch_size=microbatch_size)
   rng = np.random.default_rng(0)
   host_batch = {
@@ -112,7 +122,7 @@ def prepare_step(arch: str, model: str, batch_size: int, mesh, *,
   if steps_per_call > 1:
     call = training.make_multi_train_step(
         config, mesh, reflections=FLAGS.reflections, remat=FLAGS.remat,
-        microbatch_size=microbatch_size)
+        remat_carries=remat_carries, microbatch_size=microbatch_size)
     stacked = {
         name: np.stack([array] * steps_per_call)
         for name, array in host_batch.items()
@@ -134,7 +144,7 @@ def prepare_step(arch: str, model: str, batch_size: int, mesh, *,
     # full-batch step.
     full_step = training.make_train_step(
         config, mesh, reflections=FLAGS.reflections, remat=FLAGS.remat,
-        microbatch_size=None)
+        remat_carries=remat_carries, microbatch_size=None)
     cost = full_step.lower(state, batch).cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
@@ -158,6 +168,7 @@ def prepare_step(arch: str, model: str, batch_size: int, mesh, *,
       "batch_size": batch_size,
       "reflections": FLAGS.reflections,
       "remat": FLAGS.remat,
+      "remat_carries": remat_carries,
       "conv_impl": conv_impl,
       "microbatch_size": microbatch_size,
       "steps_per_call": steps_per_call,
@@ -221,6 +232,20 @@ def _parse_microbatch_size(value: str) -> int | str | None:
         " 'auto' or 'none'") from None
 
 
+def _parse_remat_carries(value: str) -> int | None:
+  if value.lower() == "none":
+    return None
+  try:
+    carries = int(value)
+  except ValueError:
+    carries = -1
+  if carries < 0 or not FLAGS.remat:
+    raise app.UsageError(
+        f"--remat_carries contains {value!r}; expected integers >= 0 (with"
+        " --remat) or 'none'")
+  return carries
+
+
 def main(argv):
   del argv
   mesh = parallel.create_mesh()
@@ -234,6 +259,8 @@ def main(argv):
     parallel.check_batch_size(batch_size, mesh, flag="batch_sizes")
   if FLAGS.rounds < 1:
     raise app.UsageError(f"--rounds={FLAGS.rounds} is invalid; expected >= 1")
+  remat_carries = [_parse_remat_carries(value) for value in
+                   FLAGS.remat_carries]
   microbatch_sizes = [_parse_microbatch_size(m) for m in FLAGS.microbatch_sizes]
   conv_impls = FLAGS.conv_impls or [FLAGS.conv_impl]
   try:
@@ -260,16 +287,17 @@ def main(argv):
   rows = []
   # One table per variant; the variants of one (arch, model, batch) are timed
   # together, see `time_steps`.
-  variants = [(c, m, n) for c in conv_impls for m in microbatch_sizes
-              for n in steps_per_call]
+  variants = [(c, m, n, r) for c in conv_impls for m in microbatch_sizes
+              for n in steps_per_call for r in remat_carries]
   tables = {variant: [] for variant in variants}
   for arch in FLAGS.archs:
     for model in FLAGS.models:
       for batch_size in batch_sizes:
         group = [
             prepare_step(arch, model, batch_size, mesh, conv_impl=conv_impl,
-                         microbatch_size=microbatch_size, steps_per_call=steps)
-            for conv_impl, microbatch_size, steps in variants
+                         microbatch_size=microbatch_size, steps_per_call=steps,
+                         remat_carries=carries)
+            for conv_impl, microbatch_size, steps, carries in variants
         ]
         time_steps(group)
         for row in group:
@@ -277,18 +305,18 @@ def main(argv):
           row["roofline_share"] = row["gflops_per_second"] / roofline
           rows.append(row)
           variant = (row["conv_impl"], row["microbatch_size"],
-                     row["steps_per_call"])
+                     row["steps_per_call"], row["remat_carries"])
           tables[variant].append(row)
           print(f"timed {arch} {model} batch {batch_size} conv_impl"
                 f" {variant[0]} microbatch_size {variant[1]} steps_per_call"
-                f" {variant[2]}:"
+                f" {variant[2]} remat_carries {variant[3]}:"
                 f" {row['images_per_second']:,.0f} images/s", flush=True)
 
-  for (conv_impl, microbatch_size, steps), table in tables.items():
+  for (conv_impl, microbatch_size, steps, carries), table in tables.items():
     print()
     print(f"reflections {FLAGS.reflections}, remat {FLAGS.remat},"
-          f" conv_impl {conv_impl}, microbatch_size {microbatch_size},"
-          f" steps_per_call {steps}")
+          f" remat_carries {carries}, conv_impl {conv_impl}, microbatch_size"
+          f" {microbatch_size}, steps_per_call {steps}")
     print_table(table)
 
   if FLAGS.json_out:

@@ -55,6 +55,11 @@ flags.DEFINE_integer(
     " step, so make those intervals multiples of this value.")
 flags.DEFINE_bool("remat", False,
                   "Recompute reflections in the backward pass to save memory.")
+flags.DEFINE_integer(
+    "remat_carries", None,
+    "With --remat, the most carries (states passed between reflections)"
+    " that the backward pass stores besides the first; the others are"
+    " recomputed. Unset: one per reflection.")
 flags.DEFINE_enum("activation", "relu", ["relu", "sigmoid"],
                   "Hidden activation f.")
 flags.DEFINE_enum("kernel_init", "he", ["he", "glorot"],
@@ -259,6 +264,12 @@ def check_common_flags(data_description: str | None = None) -> None:
     fail(f"--label_weight={FLAGS.label_weight} is invalid; expected >= 0")
   if FLAGS.seed < 0:
     fail(f"--seed={FLAGS.seed} is invalid; expected an integer >= 0")
+  if FLAGS.remat_carries is not None:
+    if FLAGS.remat_carries < 0:
+      fail(f"--remat_carries={FLAGS.remat_carries} is invalid; expected an"
+           " integer >= 0")
+    if not FLAGS.remat:
+      fail(f"--remat_carries={FLAGS.remat_carries} needs --remat")
   if not 0 <= FLAGS.max_shift < 8:
     fail(f"--max_shift={FLAGS.max_shift} is invalid; expected an integer"
          " from 0 to 7 (pixels)")
@@ -362,6 +373,7 @@ def train_options(num_train_steps: int, keep_steps=()) -> train_loop.TrainOption
       reflections=FLAGS.reflections,
       label_weight=FLAGS.label_weight,
       remat=FLAGS.remat,
+      remat_carries=FLAGS.remat_carries,
       max_shift=FLAGS.max_shift,
       steps_per_call=FLAGS.steps_per_call,
       log_every_steps=FLAGS.log_every_steps,

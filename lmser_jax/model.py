@@ -21,10 +21,12 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lmser_jax import config as config_lib
 from lmser_jax import connections
+from lmser_jax import remat_scan
 
 Params = dict
 
@@ -275,6 +277,18 @@ def draw_style_noise(config: config_lib.ModelConfig, noise_key: jax.Array,
                                     dtype))(keys)
 
 
+def check_remat_carries(remat: bool, remat_carries: int | None) -> None:
+  """Raise ValueError unless `remat_carries` is None or an int >= 0 with remat."""
+  if remat_carries is None:
+    return
+  if (isinstance(remat_carries, bool) or
+      not isinstance(remat_carries, (int, np.integer)) or remat_carries < 0):
+    raise ValueError(f"remat_carries={remat_carries!r} is invalid; expected"
+                     " an integer >= 0 or None")
+  if not remat:
+    raise ValueError(f"remat_carries={remat_carries} needs remat=True")
+
+
 def perceive(params: Params,
              config: config_lib.ModelConfig,
              x: jax.Array,
@@ -285,7 +299,8 @@ def perceive(params: Params,
              observed: jax.Array | None = None,
              feed_reconstruction: bool = False,
              return_states: bool = False,
-             remat: bool = False) -> Perception:
+             remat: bool = False,
+             remat_carries: int | None = None) -> Perception:
   """Perceive `x` through `reflections` bottom-up/top-down reflections.
 
   Args:
@@ -305,13 +320,22 @@ def perceive(params: Params,
       the next reflection instead of keeping it clamped to `x`.
     return_states: also return every intermediate state.
     remat: recompute each reflection in the backward pass instead of storing
-      its activations, so training memory stays flat in `k`.
+      its activations. The scan still stores one carry (the state passed
+      between reflections) per reflection.
+    remat_carries: with `remat`, store at most this many carries besides
+      the first and recompute the others from the nearest one stored
+      (`lmser_jax.remat_scan`), so memory no longer grows with `k`. Each
+      carry fewer costs recomputed reflections. Only reverse mode is
+      defined then: `jax.jvp` through `perceive` raises. None stores one
+      carry per reflection. Ignored with `return_states`, which stores
+      every state anyway.
 
   Returns:
     A `Perception` with the outputs of the last reflection.
   """
   if reflections < 1:
     raise ValueError(f"reflections={reflections} is invalid; expected >= 1")
+  check_remat_carries(remat, remat_carries)
   if x.ndim != 4 or tuple(x.shape[1:]) != tuple(config.input_shape):
     raise ValueError(
         f"x has shape {tuple(x.shape)}; expected (batch,"
@@ -386,7 +410,11 @@ def perceive(params: Params,
   # The last reflection is not rematerialised: its activations are what a
   # one-reflection step keeps too, and recomputing them would cost time.
   last_reflect = reflect
-  if remat:
+  use_remat_scan = (reflections > 1 and remat_carries is not None and
+                    not return_states)
+  # remat_scan takes the VJP of one reflection right after recomputing its
+  # input, so a checkpoint there would only run the reflection once more.
+  if remat and not use_remat_scan:
     reflect = jax.checkpoint(reflect)
 
   # The first k - 1 reflections only pass their carry on (and their states),
@@ -406,7 +434,11 @@ def perceive(params: Params,
   if style_noise is not None:
     noise_head, noise_last = style_noise[:-1], style_noise[-1]
   head_states = None
-  if reflections > 1:
+  if use_remat_scan:
+    carry = remat_scan.remat_scan(
+        lambda carry, noise: inner(carry, noise)[0], carry, noise_head,
+        length=reflections - 1, carries=int(remat_carries))
+  elif reflections > 1:
     carry, head_states = lax.scan(inner, carry, noise_head,
                                   length=reflections - 1)
   # Whether a reflection ran before the last is known here, so the last

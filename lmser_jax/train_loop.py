@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from lmser_jax import checkpointing
 from lmser_jax import config as config_lib
 from lmser_jax import metric_writer
+from lmser_jax import model
 from lmser_jax import parallel
 from lmser_jax import training
 from lmser_jax.data import batches as batches_lib
@@ -93,6 +94,10 @@ class TrainOptions:
     recon_weight: weight of the reconstruction term; 0 trains the
       bottom-up path as a plain classifier.
     remat: recompute reflections in the backward pass to save memory.
+    remat_carries: with `remat`, the most carries (states passed between
+      reflections) the backward pass stores besides the first; None stores
+      one per reflection. Fewer carries take less memory and more time
+      (`model.perceive`).
     steps_per_call: training steps per compiled call
       (`training.make_multi_train_step`), so that the host dispatches one
       program for several steps. Calls are cut short at logging and
@@ -118,6 +123,7 @@ class TrainOptions:
   label_weight: float = 1.0
   recon_weight: float = 1.0
   remat: bool = False
+  remat_carries: int | None = None
   steps_per_call: int = 1
   max_shift: int = 0
   log_every_steps: int = 500
@@ -144,6 +150,7 @@ class TrainOptions:
       raise ValueError(f"seed={self.seed} is invalid; expected >= 0")
     if self.max_shift < 0:
       raise ValueError(f"max_shift={self.max_shift} is invalid; expected >= 0")
+    model.check_remat_carries(self.remat, self.remat_carries)
     if self.label_weight < 0 or self.recon_weight < 0:
       raise ValueError("label_weight and recon_weight must be >= 0, got"
                        f" {self.label_weight} and {self.recon_weight}")
@@ -151,7 +158,8 @@ class TrainOptions:
   def training_settings(self) -> dict:
     """Return the fields that change the trained parameters.
 
-    The schedule of logs and checkpoints, `remat`, `steps_per_call` and the
+    The schedule of logs and checkpoints, `remat`, `remat_carries`,
+    `steps_per_call` and the
     length of training are left out, because they change no parameter of a
     given step. `max_shift` appears only when it is set, so that runs
     recorded before it existed still resume.
@@ -387,7 +395,8 @@ def _train_locked(config, options, images, labels, workdir, mesh):
 
   step_args = dict(reflections=options.reflections,
                    label_weight=options.label_weight, remat=options.remat,
-                   recon_weight=options.recon_weight)
+                   recon_weight=options.recon_weight,
+                   remat_carries=options.remat_carries)
   train_step = training.make_train_step(config, mesh, **step_args)
   multi_step = (training.make_multi_train_step(config, mesh, **step_args)
                 if options.steps_per_call > 1 else None)

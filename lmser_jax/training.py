@@ -75,7 +75,8 @@ def images_to_float(images: jax.Array) -> jax.Array:
 def loss_and_metrics(params, config: config_lib.ModelConfig, batch: dict, *,
                      reflections: int, label_weight: float, remat: bool,
                      noise_key: jax.Array | None, recon_weight: float = 1.0,
-                     style_noise: jax.Array | None = None):
+                     style_noise: jax.Array | None = None,
+                     remat_carries: int | None = None):
   """Training loss of one batch and its parts.
 
   The loss is `recon_weight * mean_b 0.5 * ||x_b - x_hat_b||^2`, plus
@@ -93,6 +94,8 @@ def loss_and_metrics(params, config: config_lib.ModelConfig, batch: dict, *,
     recon_weight: weight of the reconstruction term.
     style_noise: `(reflections, B, num_style)` noise to use in place of
       drawing it from `noise_key`, see `model.draw_style_noise`.
+    remat_carries: with `remat`, the most carries the backward pass stores
+      besides the first (`model.perceive`); None stores one per reflection.
 
   Returns:
     `(loss, metrics)`, scalars.
@@ -100,7 +103,7 @@ def loss_and_metrics(params, config: config_lib.ModelConfig, batch: dict, *,
   x = images_to_float(batch["image"])
   out = model.perceive(
       params, config, x, reflections=reflections, noise_key=noise_key,
-      style_noise=style_noise, remat=remat)
+      style_noise=style_noise, remat=remat, remat_carries=remat_carries)
   recon = jnp.mean(losses.squared_error_sum(x, out.x_hat))
   metrics = {
       "recon_loss": recon,
@@ -207,7 +210,8 @@ def make_train_step(config: config_lib.ModelConfig,
                     label_weight: float = 1.0,
                     remat: bool = False,
                     recon_weight: float = 1.0,
-                    microbatch_size: int | str | None = "auto"):
+                    microbatch_size: int | str | None = "auto",
+                    remat_carries: int | None = None):
   """Compile `step(state, batch) -> (state, metrics)` for data parallelism.
 
   The state is replicated and the batch split over `mesh`; the input state's
@@ -221,6 +225,9 @@ def make_train_step(config: config_lib.ModelConfig,
   "auto" uses chunks of `AUTO_MICROBATCH_PER_DEVICE` examples per device
   for a model with convolutions on CPU when the batch is a larger multiple
   of that, and the whole batch otherwise.
+
+  `remat_carries` caps the carries that the backward pass stores with
+  `remat` (see `model.perceive`).
   """
   if microbatch_size != "auto" and microbatch_size is not None and (
       not isinstance(microbatch_size, int) or
@@ -230,6 +237,7 @@ def make_train_step(config: config_lib.ModelConfig,
         f"microbatch_size={microbatch_size!r} is invalid; expected a positive"
         f" multiple of the number of devices ({mesh.devices.size}), 'auto' or"
         " None")
+  model.check_remat_carries(remat, remat_carries)
 
   def train_step(state: TrainState, batch: dict):
     noise_key = jax.random.fold_in(state.rng, state.step)
@@ -239,7 +247,7 @@ def make_train_step(config: config_lib.ModelConfig,
     loss_fn = functools.partial(
         loss_and_metrics, config=config, reflections=reflections,
         label_weight=label_weight, remat=remat, noise_key=noise_key,
-        recon_weight=recon_weight)
+        recon_weight=recon_weight, remat_carries=remat_carries)
     if chunk_size is None or chunk_size >= batch_size:
       grads, metrics = jax.grad(
           functools.partial(loss_fn, batch=batch), has_aux=True)(state.params)
@@ -272,7 +280,8 @@ def make_multi_train_step(config: config_lib.ModelConfig,
                           label_weight: float = 1.0,
                           remat: bool = False,
                           recon_weight: float = 1.0,
-                          microbatch_size: int | str | None = "auto"):
+                          microbatch_size: int | str | None = "auto",
+                          remat_carries: int | None = None):
   """Compile `steps(state, batches) -> (state, metrics)`: several steps at once.
 
   `batches` contains the arrays of `make_train_step`'s batch with a leading
@@ -285,7 +294,8 @@ def make_multi_train_step(config: config_lib.ModelConfig,
   """
   step = make_train_step(
       config, mesh, reflections=reflections, label_weight=label_weight,
-      remat=remat, recon_weight=recon_weight, microbatch_size=microbatch_size)
+      remat=remat, recon_weight=recon_weight, microbatch_size=microbatch_size,
+      remat_carries=remat_carries)
 
   def train_steps(state: TrainState, batches: dict):
     return jax.lax.scan(step, state, batches)

@@ -65,6 +65,8 @@ def test_smoke_run_writes_every_result(mnist_dir, tmp_path):
     ("--max_shift=-1", "--max_shift"),
     ("--max_shift=8", "--max_shift"),
     ("--steps_per_call=0", "--steps_per_call"),
+    ("--remat_carries=-1", "--remat_carries"),
+    ("--remat_carries=2", "--remat_carries"),
 ])
 def test_bad_flag_exits_with_one_line(flag, name, tmp_path):
   completed = _run(SMOKE_FLAGS, f"--workdir={tmp_path}", flag, timeout=300)

@@ -13,7 +13,7 @@ from lmser_jax import model
 _perceive = jax.jit(
     model.perceive,
     static_argnames=("config", "reflections", "return_states", "remat",
-                     "feed_reconstruction"))
+                     "remat_carries", "feed_reconstruction"))
 
 SMALL_CNN = config_lib.cnn_layers(channels=(4, 6), code_dim=12)
 SMALL_FC = config_lib.fc_layers(hidden=(20, 15), code_dim=12)
@@ -177,18 +177,74 @@ def test_gradients_match_unrolled_loop(layers):
   params = model.init_params(jax.random.PRNGKey(11), config)
   x = _inputs()
 
-  def loss(p, remat):
+  def loss(p, remat, remat_carries):
     return jnp.sum(_perceive(p, config=config, x=x, reflections=3,
-                             remat=remat).x_hat ** 2)
+                             remat=remat,
+                             remat_carries=remat_carries).x_hat ** 2)
 
   reference = jax.grad(
       lambda p: jnp.sum(_unrolled(p, config, x, 3)[0] ** 2))(params)
-  for remat in (False, True):
-    grads = jax.grad(loss)(params, remat)
+  for remat, remat_carries in ((False, None), (True, None), (True, 0),
+                               (True, 1)):
+    grads = jax.grad(loss)(params, remat, remat_carries)
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(grads)):
       # Summation order differs; the largest entries reach about 100.
       scale = float(jnp.max(jnp.abs(a)))
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("layers,mode", [(SMALL_FC, "clamped"),
+                                         (SMALL_FC, "fed"),
+                                         (SMALL_CNN, "observed")],
+                         ids=["fc-clamped", "fc-fed", "cnn-observed"])
+def test_remat_carries_keep_gradients(layers, mode):
+  # Supervised, so the style noise of every reflection is an input too.
+  config = _config("lmser_sup", layers)
+  params = model.init_params(jax.random.PRNGKey(5), config)
+  x = _inputs()
+  observed = None
+  if mode == "observed":
+    observed = jnp.asarray(np.random.default_rng(1).uniform(size=x.shape) >
+                           0.5, jnp.float32)
+  reflections = 6
+
+  def loss(p, remat_carries):
+    out = _perceive(p, config=config, x=x, reflections=reflections,
+                    noise_key=jax.random.PRNGKey(2), observed=observed,
+                    feed_reconstruction=mode == "fed", remat=True,
+                    remat_carries=remat_carries)
+    return jnp.sum(out.x_hat ** 2) + jnp.sum(out.logits)
+
+  reference = jax.grad(loss)(params, None)
+  for remat_carries in (0, 2):
+    grads = jax.grad(loss)(params, remat_carries)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(grads)):
+      scale = float(jnp.max(jnp.abs(a)))
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_remat_carries_checked():
+  config = _config("lmser_un", SMALL_FC)
+  params = model.init_params(jax.random.PRNGKey(0), config)
+  x = _inputs()
+  with pytest.raises(ValueError, match="needs remat=True"):
+    model.perceive(params, config, x, reflections=3, remat_carries=1)
+  for bad in (-1, 1.5, True):
+    with pytest.raises(ValueError, match="remat_carries"):
+      model.perceive(params, config, x, reflections=3, remat=True,
+                     remat_carries=bad)
+
+
+def test_remat_carries_with_states_returns_every_state():
+  config = _config("lmser_un", SMALL_FC)
+  params = model.init_params(jax.random.PRNGKey(0), config)
+  out = _perceive(params, config=config, x=_inputs(), reflections=4,
+                  return_states=True, remat=True, remat_carries=1)
+  expected = _perceive(params, config=config, x=_inputs(), reflections=4,
+                       return_states=True)
+  assert out.states.x_hat.shape[0] == 4
+  np.testing.assert_allclose(out.states.x_hat, expected.states.x_hat,
+                             rtol=1e-6)
 
 
 def test_perceive_rejects_bad_input():

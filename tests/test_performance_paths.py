@@ -158,3 +158,31 @@ def test_multi_step_equals_single_steps():
   np.testing.assert_allclose(multi_metrics["loss"], single_losses, rtol=1e-5)
   _assert_trees_close(multi_state.params, state.params)
   assert int(multi_state.step) == 3
+
+
+def test_remat_carries_step_equals_plain_step():
+  # Microbatched as well, so remat_scan runs inside the chunk loop.
+  mesh = parallel.create_mesh()
+  tx = optax.sgd(0.1)
+  batch = parallel.put_batch(_batch(), mesh)
+  results = []
+  for remat, remat_carries, microbatch_size in ((False, None, None),
+                                                (True, 1, None),
+                                                (True, 0, 4)):
+    state = training.create_train_state(0, CONFIG, tx)
+    step = training.make_train_step(
+        CONFIG, mesh, reflections=4, remat=remat, remat_carries=remat_carries,
+        microbatch_size=microbatch_size)
+    results.append(step(state, batch))
+  (plain_state, plain_metrics), *others = results
+  for state, metrics in others:
+    _assert_trees_close(metrics, plain_metrics)
+    _assert_trees_close(state.params, plain_state.params, atol=1e-5)
+
+
+def test_remat_carries_need_remat():
+  with pytest.raises(ValueError, match="remat_carries=2 needs remat=True"):
+    training.make_train_step(CONFIG, parallel.create_mesh(), remat_carries=2)
+  with pytest.raises(ValueError, match="remat_carries=-1 is invalid"):
+    training.make_train_step(CONFIG, parallel.create_mesh(), remat=True,
+                             remat_carries=-1)

@@ -152,6 +152,16 @@ def test_options_reject_non_integer_counts(field, value):
     _options(**{field: value})
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (dict(remat_carries=1), "needs remat=True"),
+    (dict(remat=True, remat_carries=-2), "remat_carries=-2 is invalid"),
+    (dict(remat=True, remat_carries=0.5), "remat_carries=0.5 is invalid"),
+])
+def test_options_reject_bad_remat_carries(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    _options(**overrides)
+
+
 def test_options_accept_numpy_and_huge_integers(mnist_train, tmp_path):
   options = _options(num_train_steps=4, steps_per_call=10**20,
                      max_shift=np.int64(2), log_every_steps=2)
