@@ -159,10 +159,9 @@ class TrainOptions:
     """Return the fields that change the trained parameters.
 
     The schedule of logs and checkpoints, `remat`, `remat_carries`,
-    `steps_per_call` and the
-    length of training are left out, because they change no parameter of a
-    given step. `max_shift` appears only when it is set, so that runs
-    recorded before it existed still resume.
+    `steps_per_call` and the length of training are left out, because they
+    change no parameter of a given step. `max_shift` appears only when it is
+    set, so that runs recorded before it existed still resume.
     """
     settings = {
         name: getattr(self, name)
