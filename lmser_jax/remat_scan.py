@@ -195,6 +195,11 @@ def remat_scan(step, init, xs, *, length: int, carries: int):
   """
   schedule = binomial_schedule(length, carries)
   slots = schedule.carries
+  for leaf in jax.tree.leaves(xs):
+    if np.ndim(leaf) < 1 or np.shape(leaf)[0] != length:
+      raise ValueError(
+          f"xs has a leaf of shape {np.shape(leaf)}; expected a leading axis"
+          f" of length {length}")
   x_first = jax.tree.map(lambda a: a[0], xs)
   # custom_vjp needs the differentiated values as arguments, so float
   # values that `step` closes over become explicit inputs.

@@ -174,3 +174,9 @@ def test_remat_scan_rejects_forward_mode():
     jax.jvp(lambda w: remat_scan.remat_scan(_step(w), init, xs, length=3,
                                             carries=1)[0],
             (weight,), (weight,))
+
+
+def test_remat_scan_rejects_short_xs():
+  weight, init, xs = _toy_problem(3)
+  with pytest.raises(ValueError, match="leading axis of length 5"):
+    remat_scan.remat_scan(_step(weight), init, xs, length=5, carries=1)
