@@ -300,6 +300,10 @@ def conv(z: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
   _check_image(z, spec)
   _check_kernel(kernel, spec, z.shape[-1], impl)
   if impl == "xla":
+    # Promote as the matrix product of "patches" does, so that both
+    # formulations accept mixed dtypes and return the same dtype.
+    dtype = jnp.result_type(z, kernel)
+    z, kernel = z.astype(dtype), kernel.astype(dtype)
     pad = ((spec.padding, spec.padding), (spec.padding, spec.padding))
     return lax.conv_general_dilated(
         z, kernel, (spec.stride, spec.stride), pad,
@@ -335,6 +339,7 @@ def conv_transpose(h: jax.Array, kernel: jax.Array, spec: config_lib.Conv,
         f"h has shape {tuple(h.shape)}; expected {expected}, the output of"
         f" {spec} on a layer of shape {in_shape}")
   if impl == "xla":
+    h = h.astype(jnp.result_type(h, kernel))
     template = jax.ShapeDtypeStruct((h.shape[0],) + in_shape, h.dtype)
     (out,) = jax.linear_transpose(
         lambda z: conv(z, kernel, spec, "xla"), template)(h)

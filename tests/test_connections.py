@@ -228,3 +228,20 @@ def test_dcw_gradient_sums_both_paths(spec, in_shape):
   assert float(jnp.abs(up_part).sum()) > 0
   assert float(jnp.abs(down_part).sum()) > 0
   np.testing.assert_allclose(tied, up_part + down_part, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_promote_in_both_impls():
+  spec = config_lib.Conv(features=4, kernel_size=3, stride=2, padding=1)
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.uniform(size=(2, 9, 7, 3)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  outputs = {}
+  for impl in ("patches", "xla"):
+    y = connections.conv(z, kernel, spec, impl)
+    back = connections.conv_transpose(y.astype(jnp.bfloat16), kernel, spec,
+                                      (9, 7, 3), impl)
+    assert y.dtype == jnp.float32, impl
+    assert back.dtype == jnp.float32, impl
+    outputs[impl] = (y, back)
+  for got, want in zip(outputs["patches"], outputs["xla"]):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
