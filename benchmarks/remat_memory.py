@@ -82,12 +82,13 @@ def main(argv):
         " comma-separated positive integers")
   mesh = parallel.create_mesh()
   k, carries = FLAGS.reflections, FLAGS.remat_carries
+  carries = f"{carries} carr{'y' if carries == 1 else 'ies'}"
   print(f"jax {jax.__version__}, {mesh.devices.size} {jax.default_backend()}"
         " device(s); MiB of the compiled training step")
   print()
   print(f"| arch | model | batch | 1 refl. | {k} refl. | {k} refl. + remat |"
-        f" {k} refl. + remat, {carries} carries | {k} / 1 | {k} + remat / 1 |"
-        f" {k} + remat, {carries} carries / 1 |")
+        f" {k} refl. + remat, {carries} | {k} / 1 | {k} + remat / 1 |"
+        f" {k} + remat, {carries} / 1 |")
   print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for arch in FLAGS.archs:
     for model in FLAGS.models:
@@ -97,7 +98,7 @@ def main(argv):
         many = step_memory(config, batch_size, k, False, mesh)
         many_remat = step_memory(config, batch_size, k, True, mesh)
         few_carries = step_memory(config, batch_size, k, True, mesh,
-                                  remat_carries=carries)
+                                  remat_carries=FLAGS.remat_carries)
         mib = lambda size: f"{size / 2**20:.1f}"
         print(f"| {arch} | {model} | {batch_size} | {mib(single)} |"
               f" {mib(many)} | {mib(many_remat)} | {mib(few_carries)} |"

@@ -239,10 +239,12 @@ def _parse_remat_carries(value: str) -> int | None:
     carries = int(value)
   except ValueError:
     carries = -1
-  if carries < 0 or not FLAGS.remat:
+  if carries < 0:
     raise app.UsageError(
-        f"--remat_carries contains {value!r}; expected integers >= 0 (with"
-        " --remat) or 'none'")
+        f"--remat_carries contains {value!r}; expected integers >= 0 or"
+        " 'none'")
+  if not FLAGS.remat:
+    raise app.UsageError(f"--remat_carries={value} needs --remat")
   return carries
 
 
@@ -259,6 +261,9 @@ def main(argv):
     parallel.check_batch_size(batch_size, mesh, flag="batch_sizes")
   if FLAGS.rounds < 1:
     raise app.UsageError(f"--rounds={FLAGS.rounds} is invalid; expected >= 1")
+  for name in ("microbatch_sizes", "steps_per_call", "remat_carries"):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f"--{name} is empty; expected at least one value")
   remat_carries = [_parse_remat_carries(value) for value in
                    FLAGS.remat_carries]
   microbatch_sizes = [_parse_microbatch_size(m) for m in FLAGS.microbatch_sizes]

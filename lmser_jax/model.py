@@ -278,7 +278,10 @@ def draw_style_noise(config: config_lib.ModelConfig, noise_key: jax.Array,
 
 
 def check_remat_carries(remat: bool, remat_carries: int | None) -> None:
-  """Raise ValueError unless `remat_carries` is None or an int >= 0 with remat."""
+  """Raise ValueError unless `remat` is a bool and `remat_carries` is None
+  or an int >= 0 with `remat` True."""
+  if not isinstance(remat, (bool, np.bool_)):
+    raise ValueError(f"remat={remat!r} is invalid; expected True or False")
   if remat_carries is None:
     return
   if (isinstance(remat_carries, bool) or
@@ -325,16 +328,20 @@ def perceive(params: Params,
     remat_carries: with `remat`, store at most this many carries besides
       the first and recompute the others from the nearest one stored
       (`lmser_jax.remat_scan`), so memory no longer grows with `k`. Each
-      carry fewer costs recomputed reflections. Only reverse mode is
-      defined then: `jax.jvp` through `perceive` raises. None stores one
-      carry per reflection. Ignored with `return_states`, which stores
-      every state anyway.
+      carry fewer costs recomputed reflections. Only first-order reverse
+      mode is defined then: `jax.jvp`, `jax.linearize` and second
+      derivatives (`jax.hessian`, grad of grad) through `perceive` raise.
+      None stores one carry per reflection. Ignored with `return_states`,
+      which stores every state anyway, and with one reflection.
 
   Returns:
     A `Perception` with the outputs of the last reflection.
   """
-  if reflections < 1:
-    raise ValueError(f"reflections={reflections} is invalid; expected >= 1")
+  if (isinstance(reflections, bool) or
+      not isinstance(reflections, (int, np.integer)) or reflections < 1):
+    raise ValueError(f"reflections={reflections!r} is invalid; expected an"
+                     " integer >= 1")
+  reflections = int(reflections)
   check_remat_carries(remat, remat_carries)
   if x.ndim != 4 or tuple(x.shape[1:]) != tuple(config.input_shape):
     raise ValueError(

@@ -17,8 +17,10 @@ fix the order of the work. Written as straight-line code (nested
 recomputations forward, and the 8-reflection CNN step needed 52.6 MiB in
 place of 19.7.
 
-Only reverse mode is defined (`jax.custom_vjp`), so `jax.jvp` through
-`remat_scan` raises.
+Only first-order reverse mode is defined (`jax.custom_vjp`), so `jax.jvp`
+through `remat_scan` raises. Second derivatives raise too, because the
+backward pass loops with traced bounds (`fori_loop`), which JAX cannot
+differentiate in reverse mode.
 """
 
 import dataclasses
@@ -93,13 +95,16 @@ def binomial_schedule(length: int, carries: int) -> Schedule:
     A `Schedule` whose backward pass recomputes the fewest steps possible
     with `carries` slots.
   """
-  if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+  if (isinstance(length, bool) or
+      not isinstance(length, (int, np.integer)) or length < 1):
     raise ValueError(f"length={length!r} is invalid; expected an integer"
                      " >= 1")
-  if isinstance(carries, bool) or not isinstance(carries, int) or carries < 0:
+  if (isinstance(carries, bool) or
+      not isinstance(carries, (int, np.integer)) or carries < 0):
     raise ValueError(f"carries={carries!r} is invalid; expected an integer"
                      " >= 0")
-  carries = min(carries, length - 1)
+  length = int(length)
+  carries = min(int(carries), length - 1)
   _, split = _split_table(length, carries)
 
   # Replay the recursion with an explicit stack, as a list of events.
@@ -194,7 +199,9 @@ def remat_scan(step, init, xs, *, length: int, carries: int):
     The final carry, with the structure of `init`.
   """
   schedule = binomial_schedule(length, carries)
-  slots = schedule.carries
+  length, slots = schedule.length, schedule.carries
+  # Python numbers have no shape, and the VJP needs one per leaf.
+  init = jax.tree.map(jnp.asarray, init)
   for leaf in jax.tree.leaves(xs):
     if np.ndim(leaf) < 1 or np.shape(leaf)[0] != length:
       raise ValueError(

@@ -163,8 +163,9 @@ class TrainOptions:
     change no parameter of a given step. `max_shift` appears only when it is
     set, so that runs recorded before it existed still resume.
     """
+    # `.item()` turns numpy scalars into Python numbers for the JSON file.
     settings = {
-        name: getattr(self, name)
+        name: np.asarray(getattr(self, name)).item()
         for name in ("batch_size", "seed", "learning_rate", "decay_rate", "b1",
                      "b2", "eps", "reflections", "label_weight",
                      "recon_weight")

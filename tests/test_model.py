@@ -229,6 +229,15 @@ def test_remat_carries_checked():
   x = _inputs()
   with pytest.raises(ValueError, match="needs remat=True"):
     model.perceive(params, config, x, reflections=3, remat_carries=1)
+  with pytest.raises(ValueError, match="remat='no' is invalid"):
+    model.perceive(params, config, x, reflections=3, remat="no",
+                   remat_carries=1)
+  with pytest.raises(ValueError, match="reflections=2.0 is invalid"):
+    model.perceive(params, config, x, reflections=2.0, remat=True,
+                   remat_carries=1)
+  out = model.perceive(params, config, x, reflections=np.int64(3), remat=True,
+                       remat_carries=np.int64(1))
+  assert out.x_hat.shape == x.shape
   for bad in (-1, 1.5, True):
     with pytest.raises(ValueError, match="remat_carries"):
       model.perceive(params, config, x, reflections=3, remat=True,

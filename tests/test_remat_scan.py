@@ -180,3 +180,20 @@ def test_remat_scan_rejects_short_xs():
   weight, init, xs = _toy_problem(3)
   with pytest.raises(ValueError, match="leading axis of length 5"):
     remat_scan.remat_scan(_step(weight), init, xs, length=5, carries=1)
+
+
+def test_remat_scan_python_number_carry():
+  # Python numbers as carry leaves and numpy integers as sizes, as lax.scan
+  # accepts them.
+  def ours(a):
+    carry = remat_scan.remat_scan(
+        lambda c, x: (c[0] * a + x, c[1] + 1), (1.0, 0), jnp.arange(4.0),
+        length=np.int64(4), carries=np.int64(1))
+    return carry[0]
+
+  def theirs(a):
+    return lax.scan(lambda c, x: ((c[0] * a + x, c[1] + 1), None), (1.0, 0),
+                    jnp.arange(4.0))[0][0]
+
+  np.testing.assert_allclose(jax.grad(ours)(0.5), jax.grad(theirs)(0.5),
+                             rtol=1e-6)

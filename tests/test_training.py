@@ -162,6 +162,14 @@ def test_options_reject_bad_remat_carries(overrides, message):
     _options(**overrides)
 
 
+def test_training_settings_are_plain_numbers():
+  settings = _options(reflections=np.int64(3), seed=np.int32(2),
+                      learning_rate=np.float32(0.5)).training_settings()
+  assert json.loads(json.dumps(settings))["reflections"] == 3
+  assert type(settings["seed"]) is int
+  assert type(settings["learning_rate"]) is float
+
+
 def test_options_accept_numpy_and_huge_integers(mnist_train, tmp_path):
   options = _options(num_train_steps=4, steps_per_call=10**20,
                      max_shift=np.int64(2), log_every_steps=2)
