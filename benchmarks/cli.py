@@ -1,8 +1,26 @@
 """Command-line checks shared by the benchmark scripts."""
 
+import sys
 from typing import Sequence
 
 from absl import app
+
+
+def run(main) -> None:
+  """Run `main` under `absl.app.run`, with `app.UsageError` as one line.
+
+  absl prints the module's whole usage text before a `UsageError`. Here the
+  error alone goes to stderr as `error: ...`, and the exit status is 2, as
+  in the experiment binaries.
+  """
+  def main_with_short_errors(argv):
+    try:
+      return main(argv)
+    except app.UsageError as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(main_with_short_errors)
 
 
 def check_no_arguments(argv: Sequence[str]) -> None:

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from absl import app
 from absl import flags
 
+from benchmarks import cli
 from lmser_jax import config as config_lib
 from lmser_jax import parallel
 from lmser_jax import train_loop
@@ -330,4 +331,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,8 @@
-"""Benchmark helpers that the reported numbers depend on."""
+"""Benchmark helpers that the reported numbers depend on, and their flags."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -37,3 +41,22 @@ def test_fc_products_match_step_flops(model_name):
   assert len(products) == 17
   assert listed <= counted
   assert listed > 0.97 * counted
+
+
+@pytest.mark.parametrize("script,flag,expected", [
+    ("remat_memory", "--remat_carries=-1", "--remat_carries=-1 is invalid"),
+    ("train_step", "--remat_carries=1", "--remat_carries=1 needs --remat"),
+    ("train_step", "--steps_per_call=", "--steps_per_call is empty"),
+])
+def test_bad_benchmark_flag_is_one_line(script, flag, expected):
+  completed = subprocess.run(
+      [sys.executable, "-m", f"benchmarks.{script}", flag],
+      capture_output=True, text=True, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert completed.returncode == 2, completed.stderr
+  # Only the error, not absl's usage text of the whole script.
+  assert "Usage:" not in completed.stderr, completed.stderr
+  lines = [line for line in completed.stderr.splitlines()
+           if line.startswith("error: ")]
+  assert len(lines) == 1, completed.stderr
+  assert lines[0].startswith(f"error: {expected}"), lines[0]
