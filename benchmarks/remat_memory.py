@@ -81,8 +81,9 @@ def main(argv):
         f"--batch_sizes={','.join(FLAGS.batch_sizes)} is invalid; expected"
         " comma-separated positive integers")
   mesh = parallel.create_mesh()
-  k, carries = FLAGS.reflections, FLAGS.remat_carries
-  carries = f"{carries} carr{'y' if carries == 1 else 'ies'}"
+  k = FLAGS.reflections
+  carries = (f"{FLAGS.remat_carries} carr"
+             f"{'y' if FLAGS.remat_carries == 1 else 'ies'}")
   print(f"jax {jax.__version__}, {mesh.devices.size} {jax.default_backend()}"
         " device(s); MiB of the compiled training step")
   print()

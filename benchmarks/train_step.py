@@ -245,7 +245,8 @@ def _parse_remat_carries(value: str) -> int | None:
         f"--remat_carries contains {value!r}; expected integers >= 0 or"
         " 'none'")
   if not FLAGS.remat:
-    raise app.UsageError(f"--remat_carries={value} needs --remat")
+    raise app.UsageError(f"--remat_carries={value} needs --remat; add"
+                         " --remat or use --remat_carries=none")
   return carries
 
 

@@ -269,7 +269,8 @@ def check_common_flags(data_description: str | None = None) -> None:
       fail(f"--remat_carries={FLAGS.remat_carries} is invalid; expected an"
            " integer >= 0")
     if not FLAGS.remat:
-      fail(f"--remat_carries={FLAGS.remat_carries} needs --remat")
+      fail(f"--remat_carries={FLAGS.remat_carries} needs --remat; add"
+           " --remat or drop --remat_carries")
   if not 0 <= FLAGS.max_shift < 8:
     fail(f"--max_shift={FLAGS.max_shift} is invalid; expected an integer"
          " from 0 to 7 (pixels)")

@@ -15,7 +15,7 @@ Bottom-up is `y_l = W_l z_{l-1} + b_l`; top-down is `W_l^T h_l + c_{l-1}`,
 where `W_l^T` is the linear adjoint of the bottom-up map. A convolution
 is a matrix product over image patches (`image_patches`), so its adjoint
 is the transposed product followed by `patches_to_image`, which adds every
-patch entry back to its pixel; it matches the forward convolution exactly
+patch entry back to its pixel. It matches the forward convolution exactly
 for odd sizes and any stride. With `impl="xla"` the adjoint is built by
 `jax.linear_transpose` of `lax.conv_general_dilated`.
 """

@@ -289,7 +289,8 @@ def check_remat_carries(remat: bool, remat_carries: int | None) -> None:
     raise ValueError(f"remat_carries={remat_carries!r} is invalid; expected"
                      " an integer >= 0 or None")
   if not remat:
-    raise ValueError(f"remat_carries={remat_carries} needs remat=True")
+    raise ValueError(f"remat_carries={remat_carries} needs remat=True; pass"
+                     " remat=True or leave remat_carries None")
 
 
 def perceive(params: Params,

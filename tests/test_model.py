@@ -243,7 +243,7 @@ def test_remat_carries_checked():
                      remat_carries=bad)
 
 
-def test_remat_carries_with_states_returns_every_state():
+def test_remat_carries_keep_every_state():
   config = _config("lmser_un", SMALL_FC)
   params = model.init_params(jax.random.PRNGKey(0), config)
   out = _perceive(params, config=config, x=_inputs(), reflections=4,
